@@ -1,0 +1,322 @@
+"""The training loop: P-tune a frozen backbone on a data file and write a run folder.
+
+``train(TrainArgs)`` reads the data, builds the model (``ptedge.model``), runs AdamW
+on the encoder (and head) with warm-up and linear decay, evaluates ``--dev``
+periodically keeping the best prompt, and writes the run folder: ``ptedge.json``,
+``prompt_encoder.safetensors`` (``head.safetensors``), ``metrics.jsonl``,
+``curve.png``. ``evaluate`` scores a model on records (also used by ``ptedge eval``).
+
+Not responsible for: argument parsing (``ptedge.cli``), export (``ptedge.export``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import ptedge
+from ptedge.config import RunConfig
+from ptedge.data import Records, read_records, require_fields
+from ptedge.model import build_for_run, is_causal, load_backbone
+from ptedge.targets import accuracy, class_targets, vocab_targets
+from ptedge.template import encode, fields_of, parse, pseudo_count
+
+METRICS = "metrics.jsonl"
+CURVE = "curve.png"
+DEV_MAX = 500  # dev records scored at each periodic evaluation
+
+
+@dataclass
+class TrainArgs:
+    model: str
+    train: str
+    template: str
+    out: str
+    dev: str | None = None
+    label_field: str = "label"
+    verbalizer: dict[str, str] | None = None
+    head: str | None = None  # default: lm if the backbone has an LM head, else linear
+    encoder: str = "lstm"
+    pool: str = "slot"
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup: float = 0.06
+    seed: int = 0
+    max_length: int = 128
+    eval_every: int | None = None
+    log_every: int = 10
+    force: bool = False
+
+
+class Job:
+    """Records with their targets and the model pieces to score them."""
+
+    def __init__(self, cfg: RunConfig, model, tok, compiled):
+        self.cfg, self.model, self.tok, self.compiled = cfg, model, tok, compiled
+
+    def targets(self, records: Records) -> list[int | None]:
+        if self.cfg.labels is None:
+            return vocab_targets(records, self.cfg.label_field, self.compiled, self.tok)
+        return class_targets(records, self.cfg.label_field, self.cfg.labels)
+
+    def batch(self, records: list[dict]) -> tuple[torch.Tensor, ...]:
+        enc = encode(self.compiled, self.tok, records)
+        return (
+            torch.from_numpy(enc.input_ids),
+            torch.from_numpy(enc.attention_mask),
+            torch.from_numpy(enc.slot),
+        )
+
+
+@torch.inference_mode()
+def predict_ids(job: Job, records: list[dict], batch_size: int = 32) -> list[int]:
+    """Top-1 index (label or vocabulary id) per record, in order."""
+    job.model.eval()
+    out: list[int] = []
+    for i in range(0, len(records), batch_size):
+        scores = job.model(*job.batch(records[i : i + batch_size]))  # (B, L|V)
+        out.extend(scores.argmax(-1).tolist())
+    return out
+
+
+def evaluate(job: Job, records: Records, batch_size: int = 32) -> dict:
+    """{"accuracy", "n", "skipped"} of the job's model on records."""
+    targets = job.targets(records)
+    keep = [i for i, t in enumerate(targets) if t is not None]
+    preds = predict_ids(job, [records[i] for i in keep], batch_size)
+    return accuracy(preds, [targets[i] for i in keep]) | {"skipped": len(targets) - len(keep)}
+
+
+def _labels_for(args: TrainArgs, head: str, train: Records) -> list[str] | None:
+    if head == "linear":
+        return sorted({r[args.label_field] for r in train})
+    if args.verbalizer:
+        return list(args.verbalizer)
+    return None
+
+
+def _subsample(records: Records, n: int, seed: int) -> Records:
+    if len(records) <= n:
+        return records
+    idx = sorted(random.Random(seed).sample(range(len(records)), n))
+    return Records(records.path, [records[i] for i in idx], [records.lines[i] for i in idx])
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out}: output folder is not empty (use --force to replace it)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {
+        "ptedge": ptedge.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def train(args: TrainArgs, progress: bool = True) -> RunConfig:
+    """Run ``ptedge train``; returns the saved run config. Validates before writing."""
+    from ptedge.model import backbone_hash
+
+    if args.steps is not None and args.epochs is not None:
+        raise ValueError("give --steps or --epochs, not both")
+    parse(args.template)  # template errors before any heavy work
+    train_recs = read_records(args.train)
+    require_fields(
+        train_recs,
+        fields_of(args.template) + [args.label_field],
+        reason="template or --label-field needs it",
+    )
+    dev_recs = read_records(args.dev) if args.dev else None
+    if dev_recs is not None:
+        require_fields(
+            dev_recs,
+            fields_of(args.template) + [args.label_field],
+            reason="template or --label-field needs it",
+        )
+
+    model_dir = Path(args.model).resolve()
+    backbone = load_backbone(model_dir)
+    causal = is_causal(backbone)
+    has_lm = backbone.base_model is not backbone
+    head = args.head or ("lm" if has_lm else "linear")
+    labels = _labels_for(args, head, train_recs)
+    emb = backbone.base_model.get_input_embeddings().weight
+    cfg = RunConfig(
+        model=str(model_dir),
+        template=args.template,
+        head=head,
+        encoder=args.encoder,
+        label_field=args.label_field,
+        labels=labels,
+        verbalizer=args.verbalizer,
+        pool=args.pool,
+        max_length=args.max_length,
+        n_pseudo=pseudo_count(args.template),
+        vocab_size=emb.shape[0],
+        hidden_size=emb.shape[1],
+        causal=causal,
+        model_sha256=backbone_hash(model_dir),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        train_file=str(Path(args.train).resolve()),
+        dev_file=str(Path(args.dev).resolve()) if args.dev else None,
+        versions=_versions(),
+    )
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    model, tok, compiled, _ = build_for_run(cfg, backbone)
+    job = Job(cfg, model, tok, compiled)
+    targets = job.targets(train_recs)
+    examples = [(r, t) for r, t in zip(train_recs, targets, strict=True) if t is not None]
+    if not examples:
+        raise ValueError(f"{args.train}: no usable training records (labels not single tokens?)")
+    dev_eval = _subsample(dev_recs, DEV_MAX, args.seed) if dev_recs is not None else None
+    if dev_eval is not None:
+        job.targets(dev_eval)  # unknown dev labels fail now, not after training
+
+    steps = args.steps
+    if steps != 0 and cfg.n_pseudo == 0 and head != "linear":
+        raise ValueError(
+            "the template has no [P] tokens, so there is nothing to train; "
+            "use --steps 0 to measure it as a manual-prompt baseline"
+        )
+    if steps is None:
+        per_epoch = math.ceil(len(examples) / args.batch_size)
+        steps = math.ceil(per_epoch * (args.epochs if args.epochs is not None else 1))
+    out = Path(args.out)
+    _prepare_out(out, args.force)
+    metrics_path = out / METRICS
+    cfg.steps = steps
+    best_state = _fit(job, examples, steps, args, dev_eval, metrics_path, progress)
+    if best_state is not None:
+        model.load_trainable_state(best_state["weights"])
+        cfg.best = best_state["metrics"]
+    elif dev_eval is not None:
+        cfg.best = {"step": steps, **{f"dev_{k}": v for k, v in evaluate(job, dev_eval).items()}}
+    model.save_weights(out)
+    cfg.save(out)
+    _plot(metrics_path, out / CURVE)
+    return cfg
+
+
+def _fit(job, examples, steps, args, dev_eval, metrics_path, progress) -> dict | None:
+    """The optimisation loop. Returns the best dev state {"weights", "metrics"} or None."""
+    model = job.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    if steps == 0 or not params:
+        return None
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    warm = max(1, int(steps * args.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    )
+    eval_every = args.eval_every or max(steps // 5, 1)
+    gen = torch.Generator().manual_seed(args.seed)
+    order: list[int] = []
+    best: dict | None = None
+    bar = _bar(steps, progress)
+    loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        batch_idx = []
+        while len(batch_idx) < args.batch_size:
+            if not order:
+                order = torch.randperm(len(examples), generator=gen).tolist()
+            batch_idx.append(order.pop())
+        recs = [examples[i][0] for i in batch_idx]
+        target = torch.tensor([examples[i][1] for i in batch_idx])
+        scores = model(*job.batch(recs))  # (B, L|V)
+        loss = torch.nn.functional.cross_entropy(scores, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        loss_sum += loss.item()
+        seen += len(recs)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        row = None
+        if step % args.log_every == 0 or step == steps:
+            dt = time.perf_counter() - t0
+            row = {
+                "step": step,
+                "loss": loss_sum / max(1, seen / args.batch_size),
+                "lr": sched.get_last_lr()[0],
+                "samples_per_s": seen / dt,
+            }
+            loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
+        if dev_eval is not None and (step % eval_every == 0 or step == steps):
+            dev = evaluate(job, dev_eval)
+            model.train()
+            row = (row or {"step": step}) | {f"dev_{k}": v for k, v in dev.items()}
+            if best is None or dev["accuracy"] > best["metrics"]["dev_accuracy"]:
+                best = {
+                    "weights": model.trainable_state(),
+                    "metrics": {"step": step, **{f"dev_{k}": v for k, v in dev.items()}},
+                }
+            bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{dev['accuracy']:.3f}")
+        if row is not None:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    bar.close()
+    model.eval()
+    return best
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc="train",
+        unit="step",
+        file=sys.stderr,
+        disable=not enabled,
+        dynamic_ncols=True,
+    )
+
+
+def _plot(metrics_path: Path, png: Path) -> None:
+    """Loss and dev accuracy against step; skipped when there is nothing to draw."""
+    if not metrics_path.is_file():
+        return
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    devs = [(r["step"], r["dev_accuracy"]) for r in rows if "dev_accuracy" in r]
+    if not losses:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*losses, strict=True), label="train loss", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if devs:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*devs, strict=True), "o-", label="dev accuracy", color="tab:orange")
+        ax2.set_ylabel("dev accuracy")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,161 @@
+"""Shared fixtures: tiny random backbones built in-process, and the shared real data.
+
+Tiny backbones (GPT-2, Llama, BERT masked LM, BERT encoder) are saved once per test
+session as ordinary transformers folders with a ``tokenizer.json`` trained on a few
+sentences; they exercise code paths, never quality or speed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+
+CORPUS = [
+    "the movie was great and the actors were wonderful",
+    "a terrible boring film with a bad plot",
+    "good fun for the whole family",
+    "the official language of france is french",
+    "my card has not arrived yet",
+    "positive negative great terrible good bad",
+    "paris london rome berlin madrid italy german english italian",
+] * 4
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, skipping the test when it is absent."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not found: {path}")
+    return path
+
+
+def _wordpiece_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers.trainers import WordPieceTrainer
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(CORPUS, WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    tok.decoder = decoders.WordPiece()
+    return tok, {
+        "mask_token": "[MASK]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "sep_token": "[SEP]",
+        "unk_token": "[UNK]",
+    }
+
+
+def _bytelevel_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.trainers import BpeTrainer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=1000,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok, {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+
+
+def build_tiny(kind: str, folder: Path) -> Path:
+    """Save a tiny random backbone of ``kind`` (gpt2, llama, bert-mlm, bert) in ``folder``."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind.startswith("bert"):
+        tok, specials = _wordpiece_tokenizer()
+        config = tf.BertConfig(
+            vocab_size=tok.get_vocab_size(),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+        )
+        model = tf.BertForMaskedLM(config) if kind == "bert-mlm" else tf.BertModel(config)
+    else:
+        tok, specials = _bytelevel_tokenizer()
+        eos = tok.token_to_id("<|endoftext|>")
+        if kind == "gpt2":
+            config = tf.GPT2Config(
+                vocab_size=tok.get_vocab_size(),
+                n_embd=32,
+                n_layer=2,
+                n_head=2,
+                n_positions=128,
+                bos_token_id=eos,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
+            model = tf.GPT2LMHeadModel(config)
+        else:
+            config = tf.LlamaConfig(
+                vocab_size=tok.get_vocab_size(),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=128,
+                bos_token_id=eos,
+                eos_token_id=eos,
+                pad_token_id=eos,
+                tie_word_embeddings=True,
+            )
+            model = tf.LlamaForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(specials))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Factory: tiny(kind) -> folder of a tiny random backbone, built once per session."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("tiny")
+    cache: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = build_tiny(kind, root / kind)
+        return cache[kind]
+
+    return get
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def sentiment_file(tmp_path) -> Path:
+    """A small binary sentiment data set in the SST-2 shape (sentence, label)."""
+    good = ["good fun for the whole family", "the movie was great", "wonderful actors"]
+    bad = ["a terrible boring film", "bad plot", "the film was terrible"]
+    recs = [{"sentence": s, "label": "1"} for s in good] + [
+        {"sentence": s, "label": "0"} for s in bad
+    ]
+    return write_jsonl(tmp_path / "sent.jsonl", recs * 3)
