@@ -165,7 +165,7 @@ def eval_cmd(path: str, data: str, task: str | None, batch_size: int) -> None:
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: no such run or bundle folder")
     records = read_records(data)
-    if (Path(path) / "model.onnx").exists() or (Path(path) / "model.int8.onnx").exists():
+    if _is_bundle(path):
         from ptedge.runtime import Predictor
 
         result = Predictor(path).evaluate(records, task=task, batch_size=batch_size)
@@ -176,6 +176,134 @@ def eval_cmd(path: str, data: str, task: str | None, batch_size: int) -> None:
         cfg, model, tok, compiled, _ = load_run(path)
         result = evaluate(Job(cfg, model, tok, compiled), records, batch_size)
     click.echo(json.dumps(result))
+
+
+def _is_bundle(path: str) -> bool:
+    from ptedge.config import BUNDLE_MANIFEST, read_json
+
+    manifest = Path(path) / BUNDLE_MANIFEST
+    return manifest.is_file() and "tasks" in read_json(manifest)
+
+
+@main.command("export")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", required=True, help="Bundle folder to write (atomically).")
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    help="int8: per-channel MatMul weights, per-row embedding; accuracy-guarded.",
+)
+@click.option(
+    "--eval",
+    "eval_file",
+    help="Labelled records for the int8 guard (default: each run's dev file).",
+)
+@click.option(
+    "--eval-max",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="At most this many records are scored by the int8 guard.",
+)
+@click.option(
+    "--max-drop",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Accuracy points int8 may lose before the export is refused.",
+)
+@click.option(
+    "--force", is_flag=True, help="Replace a non-empty --out; write int8 even past --max-drop."
+)
+@_user_errors
+def export_cmd(runs, out, quantize, eval_file, eval_max, max_drop, force) -> None:
+    """Fuse the prompts of RUNS into the backbone and write an ONNX bundle.
+
+    Several runs on one backbone make one multi-task bundle (tasks named after the run
+    folders). Every export checks onnxruntime against PyTorch on real records.
+    """
+    from ptedge.export import ExportArgs, export
+
+    m = export(
+        ExportArgs(
+            runs=list(runs),
+            out=out,
+            quantize=quantize,
+            eval_file=eval_file,
+            eval_max=eval_max,
+            max_drop=max_drop,
+            force=force,
+        )
+    )
+    click.echo(
+        json.dumps(
+            {"out": out, "model": m["model"], "tasks": sorted(m["tasks"]), "parity": m["parity"]}
+        )
+    )
+
+
+def _read_input(source: str) -> list[dict]:
+    if source == "-":
+        rows = []
+        for n, line in enumerate(sys.stdin, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"<stdin>:{n}: invalid JSON ({e.msg})") from None
+        return rows
+    from ptedge.data import read_records
+
+    return read_records(source)
+
+
+@main.command("predict")
+@click.argument("bundle")
+@click.option("--task", help="Task of a multi-task bundle.")
+@click.option(
+    "--input",
+    "source",
+    default="-",
+    show_default=True,
+    help="Records (.jsonl, .csv, .tsv), or - for JSON lines on stdin.",
+)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@_user_errors
+def predict_cmd(bundle: str, task: str | None, source: str, batch_size: int) -> None:
+    """Predict with a bundle (onnxruntime, no PyTorch); writes one JSON line per record."""
+    from ptedge.runtime import Predictor
+
+    p = Predictor(bundle)
+    for r in p.predict(_read_input(source), task=task, batch_size=batch_size):
+        click.echo(json.dumps(r, ensure_ascii=False))
+
+
+@main.command("info")
+@click.argument("bundle")
+@_user_errors
+def info_cmd(bundle: str) -> None:
+    """Summarise a bundle: backbone, model file, tasks, parity, quantization, sizes."""
+    from ptedge.runtime import load_manifest
+
+    m = load_manifest(bundle)
+    sizes = {n: (Path(bundle) / n).stat().st_size for n in m["files"]}
+    click.echo(f"bundle     {bundle}  ({sum(sizes.values()) / 1e6:.1f} MB)")
+    click.echo(
+        f"backbone   {m['backbone']['name']}  (V={m['backbone']['vocab_size']}, "
+        f"H={m['backbone']['hidden_size']}, causal={m['backbone']['causal']})"
+    )
+    click.echo(f"model      {m['model']}  ({sizes[m['model']] / 1e6:.1f} MB)")
+    q = m.get("quantization")
+    click.echo(f"quantized  {q['method'] if q else 'no (fp32)'}")
+    for name, t in m["tasks"].items():
+        labels = t["labels"]
+        kind = f"{len(labels)} labels" if labels else "open vocabulary"
+        par = m["parity"].get(name, {})
+        click.echo(
+            f"task       {name}: {t['head']} head, {kind}, template "
+            f"{t['template']['template']!r}, pseudo ids {t['pseudo_ids']}, "
+            f"parity max|diff| {par.get('max_abs_diff', float('nan')):.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,323 @@
+"""Export: trained runs -> one fused ONNX task graph -> a bundle onnxruntime can run.
+
+Steps: load the runs (one shared backbone), fuse their prompt tables into the
+embedding (``ptedge.fuse``), check the fused PyTorch graph against the unfused
+training-time models, export with ``torch.onnx.export`` (the TorchScript exporter,
+``dynamo=False``: our task graph has custom inputs and outputs that optimum's
+task-based exporters do not describe, and the TorchScript path gave dynamic batch and
+length on both BERT and Llama), check onnxruntime against PyTorch on real records
+(``ParityError`` above ``PARITY_ATOL``), optionally quantize to int8 under an accuracy
+guard (``ptedge.quantize``), and write the bundle atomically (temporary folder, rename).
+
+Not responsible for: training, the runtime (``ptedge.runtime``), quantization details.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ptedge
+from ptedge.config import BUNDLE_FORMAT_VERSION, BUNDLE_MANIFEST, RunConfig, write_json_atomic
+from ptedge.data import read_records
+from ptedge.fuse import FusedTask, TaskGraph, fuse
+from ptedge.model import build_for_run, load_backbone
+from ptedge.template import encode, record_fields, with_pseudo_base
+
+PARITY_ATOL = 2e-3  # largest |onnxruntime - PyTorch| score allowed, fp32
+FUSE_ATOL = 1e-4  # largest |fused - unfused| score allowed, both in PyTorch
+PARITY_RECORDS = 32  # real records compared at export
+OPSET = 17
+FP32_MODEL = "model.onnx"
+INT8_MODEL = "model.int8.onnx"
+
+
+class ParityError(RuntimeError):
+    """The exported model's outputs differ from PyTorch's beyond tolerance."""
+
+
+@dataclass
+class ExportArgs:
+    runs: list[str]
+    out: str
+    quantize: str | None = None  # None | "int8"
+    eval_file: str | None = None
+    eval_max: int = 1000  # records scored for the int8 guard
+    max_drop: float = 1.0  # accuracy points int8 may lose
+    force: bool = False
+
+
+@dataclass
+class LoadedRun:
+    name: str
+    cfg: RunConfig
+    task: FusedTask
+    tok: object
+    compiled: dict  # compiled template with the bundle's pseudo base
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_runs(run_dirs: list[str]) -> tuple[list[LoadedRun], torch.nn.Module]:
+    """Load runs sharing one backbone; pseudo ids are laid out one task after another."""
+    cfgs = [RunConfig.load(d) for d in run_dirs]
+    names = [Path(d).resolve().name for d in run_dirs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names (run folder names) must be unique: {names}")
+    for d, c in zip(run_dirs[1:], cfgs[1:], strict=True):
+        if c.model_sha256 != cfgs[0].model_sha256:
+            raise ValueError(f"{d}: trained on another backbone than {run_dirs[0]}")
+        if c.head == "generate":
+            raise ValueError(f"{d}: generation runs cannot share a bundle with other tasks")
+    backbone = load_backbone(cfgs[0].model)
+    loaded, offset = [], 0
+    for d, name, cfg in zip(run_dirs, names, cfgs, strict=True):
+        model, tok, compiled, _ = build_for_run(cfg, backbone)
+        model.load_weights(d)
+        model.eval()
+        compiled = with_pseudo_base(compiled, cfg.vocab_size + offset)
+        loaded.append(LoadedRun(name, cfg, FusedTask(name, model, offset), tok, compiled))
+        offset += cfg.n_pseudo
+    return loaded, backbone
+
+
+def parity_records(run: LoadedRun, eval_file: str | None, n: int = PARITY_RECORDS) -> list[dict]:
+    """Up to n real records of the run's data with the template's fields."""
+    path = eval_file or run.cfg.dev_file or run.cfg.train_file
+    recs = read_records(path)
+    need = record_fields(run.compiled)
+    usable = [r for r in recs if all(r.get(f) is not None for f in need)]
+    return random.Random(0).sample(usable, min(n, len(usable)))
+
+
+def _unfused_scores(run: LoadedRun, records: list[dict]) -> np.ndarray:
+    """Scores of the training-time model (pseudo ids from V, as in training)."""
+    compiled = with_pseudo_base(run.compiled, run.cfg.vocab_size)
+    enc = encode(compiled, run.tok, records)
+    with torch.inference_mode():
+        out = run.task.model(
+            torch.from_numpy(enc.input_ids),
+            torch.from_numpy(enc.attention_mask),
+            torch.from_numpy(enc.slot),
+        )
+    return out.float().numpy()
+
+
+def _graph_inputs(run: LoadedRun, records: list[dict]) -> dict[str, np.ndarray]:
+    enc = encode(run.compiled, run.tok, records)
+    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "slot": enc.slot}
+
+
+def check_fused(graph: TaskGraph, runs: list[LoadedRun], samples: list[list[dict]]) -> None:
+    """The fused PyTorch graph must reproduce each unfused model before export."""
+    for i, (run, recs) in enumerate(zip(runs, samples, strict=True)):
+        inputs = {k: torch.from_numpy(v) for k, v in _graph_inputs(run, recs).items()}
+        with torch.inference_mode():
+            fused = graph(**inputs)[i].float().numpy()
+        diff = float(np.abs(fused - _unfused_scores(run, recs)).max())
+        if diff > FUSE_ATOL:
+            raise ParityError(f"task {run.name}: fused graph differs from training model by {diff}")
+
+
+@contextmanager
+def traceable_masks():
+    """Swap in optimum's TorchScript-safe attention-mask builders while tracing.
+
+    transformers >= 4.53 builds masks with vmap, which TorchScript cannot trace;
+    optimum's ONNX model patcher ships vmap-free replacements, reused here.
+    """
+    from optimum.exporters.onnx import model_patcher as mp
+    from transformers import masking_utils as mu
+
+    masks = mu.ALL_MASK_ATTENTION_FUNCTIONS
+    packed = mu.find_packed_sequence_indices
+    masks.register("sdpa", mp.sdpa_mask_without_vmap)
+    masks.register("eager", mp.eager_mask_without_vmap)
+    mu.find_packed_sequence_indices = mp.find_packed_sequence_indices_patched
+    try:
+        yield
+    finally:
+        masks.register("sdpa", mu.sdpa_mask)
+        masks.register("eager", mu.eager_mask)
+        mu.find_packed_sequence_indices = packed
+
+
+def trace_example(run: LoadedRun, records: list[dict]) -> tuple[torch.Tensor, ...]:
+    """Two encoded records plus one padding column, so tracing takes the padded-mask path
+    (an all-ones mask lets transformers skip building the mask, and tracing would keep that)."""
+    inputs = _graph_inputs(run, records[:2])
+    ids = np.pad(inputs["input_ids"], ((0, 0), (0, 1)), constant_values=run.compiled["pad_id"])
+    mask = np.pad(inputs["attention_mask"], ((0, 0), (0, 1)))
+    return torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(inputs["slot"])
+
+
+def export_onnx(graph: TaskGraph, runs: list[LoadedRun], sample: list[dict], path: Path) -> None:
+    """torch.onnx.export (TorchScript) with dynamic batch and length."""
+    args = trace_example(runs[0], sample)
+    outputs = [output_name(r.name) for r in runs]
+    dyn = {
+        "input_ids": {0: "batch", 1: "length"},
+        "attention_mask": {0: "batch", 1: "length"},
+        "slot": {0: "batch"},
+    }
+    dyn.update({o: {0: "batch"} for o in outputs})
+    with torch.inference_mode(), traceable_masks():
+        torch.onnx.export(
+            graph,
+            args,
+            str(path),
+            input_names=["input_ids", "attention_mask", "slot"],
+            output_names=outputs,
+            dynamic_axes=dyn,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def output_name(task: str) -> str:
+    return f"scores.{task}"
+
+
+def onnx_scores(session, run: LoadedRun, records: list[dict]) -> np.ndarray:
+    out = session.run([output_name(run.name)], _graph_inputs(run, records))[0]
+    return out.astype(np.float32)
+
+
+def check_parity(session, runs: list[LoadedRun], samples: list[list[dict]]) -> dict:
+    """Per task: largest |onnxruntime - PyTorch| score and label agreement; raises above tol."""
+    report = {}
+    for run, recs in zip(runs, samples, strict=True):
+        ref = _unfused_scores(run, recs)
+        got = onnx_scores(session, run, recs)
+        diff = float(np.abs(ref - got).max())
+        agree = float((ref.argmax(-1) == got.argmax(-1)).mean())
+        report[run.name] = {"max_abs_diff": diff, "labels_equal": agree, "n": len(recs)}
+        _log(
+            f"parity {run.name}: output {output_name(run.name)} max |diff| {diff:.2e}, "
+            f"labels equal {agree:.3f} on {len(recs)} records"
+        )
+        if diff > PARITY_ATOL:
+            raise ParityError(
+                f"task {run.name}: output {output_name(run.name)} differs from PyTorch by "
+                f"{diff:.3e} (tolerance {PARITY_ATOL})"
+            )
+    return report
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def task_entry(run: LoadedRun) -> dict:
+    """The manifest's description of one task (everything a client needs)."""
+    cfg = run.cfg
+    m = run.task.model
+    kind = "classify" if cfg.labels is not None else "vocab"
+    return {
+        "kind": kind,
+        "head": cfg.head,
+        "template": run.compiled,
+        "label_field": cfg.label_field,
+        "labels": cfg.labels,
+        "label_ids": m.label_ids.tolist() if m.label_ids.numel() else None,
+        "verbalizer": cfg.verbalizer,
+        "pseudo_ids": [cfg.vocab_size + run.task.offset, cfg.n_pseudo],
+        "output": output_name(run.name),
+        "train_metrics": cfg.best,
+    }
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"{out}: output folder is not empty (use --force to replace it)")
+
+
+def export(args: ExportArgs) -> dict:
+    """Run ``ptedge export``; returns the manifest written to ``args.out``."""
+    out = Path(args.out)
+    _prepare_out(out, args.force)
+    if args.quantize not in (None, "int8"):
+        raise ValueError(f"--quantize {args.quantize!r}: only int8 is supported")
+    runs, _ = load_runs(args.runs)
+    samples = [parity_records(r, args.eval_file) for r in runs]
+    _log(
+        f"fusing {len(runs)} task(s): "
+        + ", ".join(f"{r.name} ({r.cfg.n_pseudo} prompt tokens)" for r in runs)
+    )
+    graph = fuse([r.task for r in runs])
+    check_fused(graph, runs, samples)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        manifest = _write_bundle(tmp, graph, runs, samples, args)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
+    import onnxruntime as ort
+
+    from ptedge.quantize import guard_int8, quantize_int8
+
+    fp32 = tmp / FP32_MODEL
+    _log("exporting ONNX (torch.onnx.export, TorchScript) ...")
+    export_onnx(graph, runs, samples[0], fp32)
+    del graph
+    session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    parity = check_parity(session, runs, samples)
+    model_file = FP32_MODEL
+    quant = None
+    if args.quantize == "int8":
+        int8 = tmp / INT8_MODEL
+        _log("quantizing to int8 (per-channel MatMul weights, per-row embedding) ...")
+        quant = quantize_int8(fp32, int8)
+        quant["guard"] = guard_int8(fp32, int8, runs, args)
+        fp32.unlink()
+        model_file = INT8_MODEL
+    cfg0 = runs[0].cfg
+    shutil.copy(Path(cfg0.model) / "tokenizer.json", tmp / "tokenizer.json")
+    manifest = {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "ptedge_version": ptedge.__version__,
+        "backbone": {
+            "name": Path(cfg0.model).name,
+            "sha256": cfg0.model_sha256,
+            "vocab_size": cfg0.vocab_size,
+            "hidden_size": cfg0.hidden_size,
+            "causal": cfg0.causal,
+        },
+        "model": model_file,
+        "tokenizer": "tokenizer.json",
+        "io": {
+            "inputs": ["input_ids", "attention_mask", "slot"],
+            "outputs": {r.name: output_name(r.name) for r in runs},
+        },
+        "tasks": {r.name: task_entry(r) for r in runs},
+        "parity": parity,
+        "quantization": quant,
+    }
+    manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    write_json_atomic(tmp / BUNDLE_MANIFEST, manifest)
+    size = sum(p.stat().st_size for p in tmp.iterdir()) / 1e6
+    _log(f"bundle: {model_file}, {size:.1f} MB")
+    return manifest

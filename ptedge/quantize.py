@@ -1,0 +1,160 @@
+"""int8 for exported task graphs, and the accuracy guard that decides if it ships.
+
+Two measured choices (see DESIGN.md, "Known traps"):
+- weights of the backbone's MatMuls: onnxruntime dynamic quantization, per-channel
+  int8, constant weights only; the task heads (LM head, label heads, linear heads)
+  stay float, since per-tensor int8 of SmolLM2's LM head changed its top-1 answers;
+- the word embedding, prompt rows included: *per-row* int8 with one scale per row
+  (a Gather of int8 rows and of their scales, then a Mul). onnxruntime's own Gather
+  quantization uses one scale for the whole table and would crush the prompt rows,
+  which have their own scale; leaving the table in float would keep most of a small
+  backbone's bytes (MiniLM: 47 of 90 MB).
+
+We call onnxruntime.quantization directly rather than optimum's ORTQuantizer: it is
+the same engine, and the node exclusion and per-row embedding need graph access.
+
+Not responsible for: exporting, deciding tolerances of fp32 parity.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HEAD_PREFIX = "/heads"  # node-name prefix of the task heads in the exported graph
+
+
+def quantize_int8(fp32: Path, int8: Path) -> dict:
+    """Write an int8 copy of ``fp32`` to ``int8``; returns what was done, for the manifest."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(fp32))
+    excluded = [n.name for n in model.graph.node if n.name.startswith(HEAD_PREFIX)]
+    del model
+    quantize_dynamic(
+        str(fp32),
+        str(int8),
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=excluded,
+        extra_options={"MatMulConstBOnly": True},
+    )
+    model = onnx.load(str(int8))
+    table = quantize_embedding_rows(model)
+    onnx.save(model, str(int8))
+    return {
+        "method": "dynamic int8: per-channel MatMul weights; per-row int8 word embedding",
+        "excluded_nodes": excluded,
+        "embedding": table,
+        "fp32_bytes": fp32.stat().st_size,
+        "int8_bytes": int8.stat().st_size,
+    }
+
+
+def quantize_embedding_rows(model) -> str | None:
+    """Replace the word-embedding Gather with per-row int8 rows and scales, in place.
+
+    The word embedding is the largest 2-D initializer read by a Gather as its data and
+    by nothing else. Returns its name (or None if there is none).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    best = None
+    for n in g.node:
+        if n.op_type == "Gather" and n.input[0] in inits and len(consumers[n.input[0]]) == 1:
+            dims = inits[n.input[0]].dims
+            if len(dims) == 2 and (best is None or dims[0] * dims[1] > best[1]):
+                best = (n, dims[0] * dims[1])
+    if best is None:
+        return None
+    node = best[0]
+    name = node.input[0]
+    w = numpy_helper.to_array(inits[name]).astype(np.float32)  # (R, H)
+    scale = np.maximum(np.abs(w).max(axis=1, keepdims=True), 1e-12) / 127.0  # (R, 1)
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)  # (R, H)
+    g.initializer.remove(inits[name])
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(q, f"{name}.int8"),
+            numpy_helper.from_array(scale.astype(np.float32), f"{name}.scale"),
+        ]
+    )
+    ids, out = node.input[1], node.output[0]
+    pos = list(g.node).index(node)
+    g.node.remove(node)
+    new = [
+        helper.make_node("Gather", [f"{name}.int8", ids], [f"{out}.q"], name=f"{node.name}.q"),
+        helper.make_node(
+            "Cast", [f"{out}.q"], [f"{out}.f"], to=TensorProto.FLOAT, name=f"{node.name}.cast"
+        ),
+        helper.make_node("Gather", [f"{name}.scale", ids], [f"{out}.s"], name=f"{node.name}.s"),
+        helper.make_node("Mul", [f"{out}.f", f"{out}.s"], [out], name=f"{node.name}.mul"),
+    ]
+    for k, n in enumerate(new):
+        g.node.insert(pos + k, n)
+    return name
+
+
+def _task_accuracy(session, run, records, targets) -> float:
+    from ptedge.export import onnx_scores
+
+    keep = [i for i, t in enumerate(targets) if t is not None]
+    correct = 0
+    for i in range(0, len(keep), 32):
+        idx = keep[i : i + 32]
+        pred = onnx_scores(session, run, [records[j] for j in idx]).argmax(-1)
+        correct += sum(int(p) == targets[j] for p, j in zip(pred, idx, strict=True))
+    return correct / max(1, len(keep))
+
+
+def guard_int8(fp32: Path, int8: Path, runs, args) -> dict:
+    """Measure each task's accuracy in fp32 and int8; refuse a drop above ``max_drop``."""
+    import onnxruntime as ort
+
+    from ptedge.data import Records, read_records
+    from ptedge.targets import class_targets, vocab_targets
+
+    sessions = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)
+    ]
+    report = {}
+    for run in runs:
+        path = args.eval_file or run.cfg.dev_file or run.cfg.train_file
+        recs = read_records(path)
+        if len(recs) > args.eval_max:
+            idx = sorted(random.Random(0).sample(range(len(recs)), args.eval_max))
+            recs = Records(recs.path, [recs[i] for i in idx], [recs.lines[i] for i in idx])
+        if run.cfg.labels is None:
+            targets = vocab_targets(recs, run.cfg.label_field, run.compiled, run.tok)
+        else:
+            targets = class_targets(recs, run.cfg.label_field, run.cfg.labels)
+        acc32, acc8 = (_task_accuracy(s, run, recs, targets) for s in sessions)
+        drop = 100 * (acc32 - acc8)
+        report[run.name] = {
+            "data": str(path),
+            "n": sum(t is not None for t in targets),
+            "fp32_accuracy": acc32,
+            "int8_accuracy": acc8,
+        }
+        print(
+            f"int8 guard {run.name}: fp32 {acc32:.4f}, int8 {acc8:.4f} "
+            f"({drop:+.2f} points lost) on {path}",
+            file=sys.stderr,
+        )
+        if drop > args.max_drop and not args.force:
+            raise ValueError(
+                f"int8 loses {drop:.2f} accuracy points on task {run.name} "
+                f"(limit --max-drop {args.max_drop}); use --force to write it anyway"
+            )
+    return report

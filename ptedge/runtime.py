@@ -1,0 +1,187 @@
+"""The runtime: run a ptedge bundle with onnxruntime, without PyTorch.
+
+``Predictor(bundle_dir)`` checks the manifest (format version, file names, sha256),
+opens one onnxruntime session and encodes records with the same template code that
+training used (``ptedge.template``). Imports only numpy, onnxruntime, tokenizers and
+the torch-free ptedge modules; a test proves no torch, transformers or optimum loads.
+
+One Predictor may be shared by threads: onnxruntime sessions and tokenizers are
+thread-safe and ``predict`` keeps no state between calls.
+
+Not responsible for: training, export, reading data files (``ptedge.data``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from ptedge.config import BUNDLE_FORMAT_VERSION, BUNDLE_MANIFEST, read_json
+from ptedge.template import encode, load_tokenizer
+
+TOP_K = 5  # alternatives listed for open-vocabulary tasks
+
+
+class BundleError(ValueError):
+    """A bundle folder that cannot be used; the message says which file and why."""
+
+
+def _safe_name(bundle: Path, name: str) -> Path:
+    """A file named by the manifest, refused if it points outside the bundle."""
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or ".." in p.parts or "\\" in name or len(p.parts) != 1:
+        raise BundleError(
+            f"{bundle / BUNDLE_MANIFEST}: refusing file name {name!r} outside the bundle"
+        )
+    return bundle / name
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest(bundle: str | Path, verify: bool = True) -> dict:
+    """Read and check a bundle's manifest; ``verify`` also checks every file's sha256."""
+    bundle = Path(bundle)
+    path = bundle / BUNDLE_MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle}: not a bundle (no {BUNDLE_MANIFEST})")
+    m = read_json(path)
+    if m.get("format_version") != BUNDLE_FORMAT_VERSION or "tasks" not in m:
+        raise BundleError(
+            f"{path}: bundle format version {m.get('format_version')!r}, "
+            f"this ptedge reads {BUNDLE_FORMAT_VERSION}"
+        )
+    files = m.get("files") or {}
+    for name in (m.get("model"), m.get("tokenizer")):
+        if name not in files:
+            raise BundleError(f"{path}: file {name!r} is not listed with a sha256")
+    for name, digest in files.items():
+        f = _safe_name(bundle, name)
+        if not f.is_file():
+            raise BundleError(f"{f}: missing from the bundle")
+        if verify and _sha256(f) != digest:
+            raise BundleError(f"{f}: sha256 does not match the manifest (corrupt or truncated)")
+    return m
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+class Predictor:
+    """Predictions from a bundle. ``providers`` and ``threads`` go to onnxruntime."""
+
+    def __init__(
+        self,
+        bundle: str | Path,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        verify: bool = True,
+    ):
+        import onnxruntime as ort
+
+        self.bundle = Path(bundle)
+        self.manifest = load_manifest(self.bundle, verify=verify)
+        self.tasks: dict[str, dict] = self.manifest["tasks"]
+        self.tokenizer = load_tokenizer(_safe_name(self.bundle, self.manifest["tokenizer"]))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        model = _safe_name(self.bundle, self.manifest["model"])
+        try:
+            self.session = ort.InferenceSession(
+                str(model), opts, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own types for broken files
+            raise BundleError(f"{model}: onnxruntime cannot load it ({e})") from None
+
+    def task(self, task: str | None) -> tuple[str, dict]:
+        """(name, manifest entry) of a task; the only one when ``task`` is None."""
+        if task is None:
+            if len(self.tasks) != 1:
+                raise ValueError(f"bundle has tasks {sorted(self.tasks)}: choose one with task=")
+            task = next(iter(self.tasks))
+        if task not in self.tasks:
+            raise ValueError(f"no task {task!r} in the bundle (tasks: {sorted(self.tasks)})")
+        return task, self.tasks[task]
+
+    def scores(self, records: list[dict], task: str | None = None, batch_size: int = 32):
+        """Raw task scores, (N, L) or (N, V), in record order; also dropped-token counts."""
+        name, spec = self.task(task)
+        compiled = spec["template"]
+        out: list[np.ndarray] = [None] * len(records)  # type: ignore[list-item]
+        truncated = np.zeros(len(records), dtype=np.int64)
+        # encode once, then batch records of similar length together (less padding)
+        order = np.argsort([sum(len(str(v)) for v in r.values()) for r in records], kind="stable")
+        for i in range(0, len(records), batch_size):
+            idx = order[i : i + batch_size]
+            enc = encode(compiled, self.tokenizer, [records[j] for j in idx])
+            feeds = {
+                "input_ids": enc.input_ids,
+                "attention_mask": enc.attention_mask,
+                "slot": enc.slot,
+            }
+            res = self.session.run([spec["output"]], feeds)[0]  # (b, L|V)
+            for k, j in enumerate(idx):
+                out[j] = res[k]
+            truncated[idx] = enc.truncated
+        width = out[0].shape[-1] if records else 0
+        return (np.stack(out) if records else np.zeros((0, width), np.float32)), truncated
+
+    def predict(self, records: list[dict], task: str | None = None, batch_size: int = 32):
+        """One dict per record: ``label``, ``score`` and ``scores`` (or ``top_k``)."""
+        name, spec = self.task(task)
+        if not records:
+            return []
+        scores, truncated = self.scores(records, name, batch_size)
+        probs = _softmax(scores.astype(np.float64))
+        results = []
+        if spec["kind"] == "classify":
+            labels = spec["labels"]
+            for p, t in zip(probs, truncated, strict=True):
+                best = int(p.argmax())
+                r = {
+                    "label": labels[best],
+                    "score": float(p[best]),
+                    "scores": {lab: float(v) for lab, v in zip(labels, p, strict=True)},
+                }
+                results.append(r | ({"truncated": int(t)} if t else {}))
+        else:
+            for p, t in zip(probs, truncated, strict=True):
+                top = np.argsort(-p)[:TOP_K]
+                words = [self.tokenizer.decode([int(i)]).strip() for i in top]
+                r = {
+                    "label": words[0],
+                    "score": float(p[top[0]]),
+                    "token_id": int(top[0]),
+                    "top_k": [
+                        {"label": w, "score": float(p[i]), "token_id": int(i)}
+                        for w, i in zip(words, top, strict=True)
+                    ],
+                }
+                results.append(r | ({"truncated": int(t)} if t else {}))
+        return results
+
+    def evaluate(self, records, task: str | None = None, batch_size: int = 32) -> dict:
+        """{"accuracy", "n", "skipped"} on labelled records (same counting as training)."""
+        from ptedge.targets import accuracy, class_targets, vocab_targets
+
+        name, spec = self.task(task)
+        if spec["kind"] == "classify":
+            targets = class_targets(records, spec["label_field"], spec["labels"])
+        else:
+            targets = vocab_targets(records, spec["label_field"], spec["template"], self.tokenizer)
+        keep = [i for i, t in enumerate(targets) if t is not None]
+        scores, _ = self.scores([records[i] for i in keep], name, batch_size)
+        pred = scores.argmax(-1).tolist() if keep else []
+        return accuracy(pred, [targets[i] for i in keep]) | {"skipped": len(targets) - len(keep)}
