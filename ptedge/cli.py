@@ -68,7 +68,8 @@ def backbone_fetch(name: str) -> None:
 def _verbalizer(value: str | None) -> dict[str, str] | None:
     if value is None:
         return None
-    text = Path(value).read_text() if Path(value).is_file() else value
+    inline = value.lstrip().startswith("{")
+    text = value if inline else Path(value).read_text() if Path(value).is_file() else value
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

@@ -39,6 +39,7 @@ class RunConfig:
     vocab_size: int = 0  # rows of the backbone's word embedding (V); pseudo ids start here
     hidden_size: int = 0  # backbone hidden size H
     causal: bool = False  # the backbone is a causal LM (answer = next token)
+    eos_id: int | None = None  # end-of-sequence id (generation stops there)
     model_sha256: str = ""  # hash of the backbone's config and weights
     seed: int = 0
     steps: int = 0  # optimisation steps taken

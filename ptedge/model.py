@@ -92,6 +92,12 @@ def backbone_ids(model_dir: Path, model: nn.Module) -> tuple[int | None, int]:
     return mask_id, int(pad or 0)
 
 
+def eos_id(model: nn.Module) -> int | None:
+    """The backbone's end-of-sequence id (the first, if it lists several)."""
+    eos = getattr(model.config, "eos_token_id", None)
+    return eos[0] if isinstance(eos, list) else eos
+
+
 def backbone_hash(model_dir: Path) -> str:
     """sha256 over the backbone's config and weight files (names and bytes)."""
     h = hashlib.sha256()
@@ -123,7 +129,7 @@ class PTuningModel(nn.Module):
             raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
-        self.backbone = backbone
+        self.backbone = backbone.requires_grad_(False)
         self.base, self.lm_head = split_backbone(backbone)
         if head in ("lm", "generate") and self.lm_head is None:
             raise ValueError(
@@ -162,10 +168,53 @@ class PTuningModel(nn.Module):
         prompt = table[(input_ids - V).clamp(min=0, max=table.shape[0] - 1)]  # (B, T, H)
         return torch.where(pseudo.unsqueeze(-1), prompt.to(words.dtype), words)
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids=None
+    ) -> torch.Tensor:
         """Last hidden states (B, T, H) of the backbone on the prompted input."""
-        out = self.base(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask)
+        kw = {} if position_ids is None else {"position_ids": position_ids}
+        out = self.base(inputs_embeds=self.embed(input_ids), attention_mask=attention_mask, **kw)
         return out.last_hidden_state
+
+    def target_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """LM logits (B, K, V) at ``positions`` (B, K): teacher forcing for ``generate``."""
+        hidden = self.hidden(input_ids, attention_mask)  # (B, T, H)
+        picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        return self.lm_head(picked)  # (B, K, V)
+
+    @torch.inference_mode()
+    def greedy(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        eos_id: int,
+    ) -> list[list[int]]:
+        """Greedy continuation of left-padded prompts (B, T); tokens up to eos, excluded.
+
+        Recomputes the whole sequence each step (no cache): a reference for parity
+        checks and evaluation, not a fast decoder.
+        """
+        ids, mask = input_ids, attention_mask
+        out: list[list[int]] = [[] for _ in range(ids.shape[0])]
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): positions ignore left padding
+            last = self.hidden(ids, mask, pos)[:, -1]  # (B, H)
+            nxt = self.lm_head(last).argmax(-1)  # (B,)
+            for b, t in enumerate(nxt.tolist()):
+                if not done[b]:
+                    if t == eos_id:
+                        done[b] = True
+                    else:
+                        out[b].append(t)
+            if done.all():
+                break
+            ids = torch.cat([ids, nxt.unsqueeze(1)], 1)  # (B, T+1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (B, T+1)
+        return out
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, slot: torch.Tensor

@@ -46,6 +46,8 @@ class PromptEncoder(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The prompt table, shape (n_pseudo, H)."""
+        if self.n_pseudo == 0:
+            return self.embedding.weight[:0]  # (0, H)
         x = self.embedding.weight[: self.n_pseudo].unsqueeze(0)  # (1, n, H)
         if self.lstm is not None:
             x = self.lstm(x)[0]  # (1, n, H)

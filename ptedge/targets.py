@@ -44,3 +44,10 @@ def accuracy(predicted: list[int], targets: list[int | None]) -> dict:
     n = len(pairs)
     correct = sum(p == t for p, t in pairs)
     return {"accuracy": correct / n if n else 0.0, "n": n, "skipped": len(targets) - n}
+
+
+def exact_match(texts: list[str], labels: list[str]) -> dict:
+    """{"accuracy", "n", "skipped"}: generated text equal to the label, whitespace-stripped."""
+    n = len(labels)
+    correct = sum(t.strip() == g.strip() for t, g in zip(texts, labels, strict=True))
+    return {"accuracy": correct / n if n else 0.0, "n": n, "skipped": 0}

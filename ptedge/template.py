@@ -78,7 +78,7 @@ def parse(template: str) -> list[Segment]:
             count = m.group(2)
             if count is None:
                 segments.append(Pseudo(1))
-            elif count.isdigit() and int(count) > 0:
+            elif re.fullmatch(r"[0-9]+", count) and int(count) > 0:
                 segments.append(Pseudo(int(count)))
             else:
                 raise TemplateError(f"template: unknown token {token!r} (use [P] or [P:n], n >= 1)")
@@ -308,6 +308,10 @@ def encode(
             else:
                 slot = len(ids)
                 ids.append(compiled["mask_id"])
+        if slot < 0:
+            raise ValueError(
+                f"record {b}: nothing precedes [MASK] (empty field?), a causal LM has no answer"
+            )
         ids.extend(compiled["suffix_ids"])
         if targets is not None:
             ids.extend(targets[b])

@@ -24,14 +24,15 @@ import torch
 
 import ptedge
 from ptedge.config import RunConfig
-from ptedge.data import Records, read_records, require_fields
-from ptedge.model import build_for_run, is_causal, load_backbone
-from ptedge.targets import accuracy, class_targets, vocab_targets
+from ptedge.data import Records, labels_of, read_records, require_fields
+from ptedge.model import build_for_run, eos_id, is_causal, load_backbone
+from ptedge.targets import accuracy, class_targets, exact_match, vocab_targets
 from ptedge.template import encode, fields_of, parse, pseudo_count
 
 METRICS = "metrics.jsonl"
 CURVE = "curve.png"
 DEV_MAX = 500  # dev records scored at each periodic evaluation
+GEN_MAX_NEW_TOKENS = 32  # greedy decoding budget when evaluating generate runs
 
 
 @dataclass
@@ -59,23 +60,58 @@ class TrainArgs:
 
 
 class Job:
-    """Records with their targets and the model pieces to score them."""
+    """A run's model with its tokenizer and template: targets, loss, scoring."""
 
     def __init__(self, cfg: RunConfig, model, tok, compiled):
         self.cfg, self.model, self.tok, self.compiled = cfg, model, tok, compiled
 
-    def targets(self, records: Records) -> list[int | None]:
+    @property
+    def generative(self) -> bool:
+        return self.cfg.head == "generate"
+
+    def targets(self, records: Records) -> list:
+        """Per record: label index, vocabulary id (None = skipped), or target token ids."""
+        if self.generative:
+            texts = labels_of(records, self.cfg.label_field)
+            prefix = self.compiled["answer_prefix"]
+            encs = self.tok.encode_batch([prefix + t for t in texts], add_special_tokens=False)
+            return [e.ids + [self.cfg.eos_id] for e in encs]
         if self.cfg.labels is None:
             return vocab_targets(records, self.cfg.label_field, self.compiled, self.tok)
         return class_targets(records, self.cfg.label_field, self.cfg.labels)
 
-    def batch(self, records: list[dict]) -> tuple[torch.Tensor, ...]:
-        enc = encode(self.compiled, self.tok, records)
+    def batch(self, records: list[dict], targets=None, side: str = "right"):
+        enc = encode(self.compiled, self.tok, records, targets=targets, padding_side=side)
         return (
             torch.from_numpy(enc.input_ids),
             torch.from_numpy(enc.attention_mask),
             torch.from_numpy(enc.slot),
         )
+
+    def loss(self, records: list[dict], targets: list) -> torch.Tensor:
+        """Cross-entropy of a batch: over labels/vocabulary at the slot, or teacher-forced
+        over every target token (``generate``)."""
+        if not self.generative:
+            scores = self.model(*self.batch(records))  # (B, L|V)
+            return torch.nn.functional.cross_entropy(scores, torch.tensor(targets))
+        ids, mask, slot = self.batch(records, targets)
+        width = max(len(t) for t in targets)
+        steps = torch.arange(width)  # (K,)
+        positions = (slot.unsqueeze(1) + steps).clamp(max=ids.shape[1] - 1)  # (B, K)
+        gold = torch.full((len(targets), width), -100)  # (B, K), -100 = ignored
+        for b, t in enumerate(targets):
+            gold[b, : len(t)] = torch.tensor(t)
+        logits = self.model.target_logits(ids, mask, positions)  # (B, K, V)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), gold.flatten())
+
+    def generate(self, records: list[dict], max_new_tokens: int, batch_size: int = 32):
+        """Greedy texts (torch reference decoder), one per record."""
+        texts = []
+        for i in range(0, len(records), batch_size):
+            ids, mask, _ = self.batch(records[i : i + batch_size], side="left")
+            for toks in self.model.greedy(ids, mask, max_new_tokens, self.cfg.eos_id):
+                texts.append(self.tok.decode(toks))
+        return texts
 
 
 @torch.inference_mode()
@@ -90,7 +126,12 @@ def predict_ids(job: Job, records: list[dict], batch_size: int = 32) -> list[int
 
 
 def evaluate(job: Job, records: Records, batch_size: int = 32) -> dict:
-    """{"accuracy", "n", "skipped"} of the job's model on records."""
+    """{"accuracy", "n", "skipped"} of the job's model on records (exact match for
+    ``generate``)."""
+    if job.generative:
+        job.model.eval()
+        texts = job.generate(records, GEN_MAX_NEW_TOKENS, batch_size)
+        return exact_match(texts, labels_of(records, job.cfg.label_field))
     targets = job.targets(records)
     keep = [i for i, t in enumerate(targets) if t is not None]
     preds = predict_ids(job, [records[i] for i in keep], batch_size)
@@ -98,6 +139,8 @@ def evaluate(job: Job, records: Records, batch_size: int = 32) -> dict:
 
 
 def _labels_for(args: TrainArgs, head: str, train: Records) -> list[str] | None:
+    if head == "generate":
+        return None
     if head == "linear":
         return sorted({r[args.label_field] for r in train})
     if args.verbalizer:
@@ -157,6 +200,8 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     has_lm = backbone.base_model is not backbone
     head = args.head or ("lm" if has_lm else "linear")
     labels = _labels_for(args, head, train_recs)
+    if head == "generate" and not causal:
+        raise ValueError("--head generate needs a causal LM backbone")
     emb = backbone.base_model.get_input_embeddings().weight
     cfg = RunConfig(
         model=str(model_dir),
@@ -179,6 +224,7 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         train_file=str(Path(args.train).resolve()),
         dev_file=str(Path(args.dev).resolve()) if args.dev else None,
         versions=_versions(),
+        eos_id=eos_id(backbone),
     )
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -242,9 +288,7 @@ def _fit(job, examples, steps, args, dev_eval, metrics_path, progress) -> dict |
                 order = torch.randperm(len(examples), generator=gen).tolist()
             batch_idx.append(order.pop())
         recs = [examples[i][0] for i in batch_idx]
-        target = torch.tensor([examples[i][1] for i in batch_idx])
-        scores = model(*job.batch(recs))  # (B, L|V)
-        loss = torch.nn.functional.cross_entropy(scores, target)
+        loss = job.loss(recs, [examples[i][1] for i in batch_idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
