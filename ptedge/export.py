@@ -227,7 +227,7 @@ def task_entry(run: LoadedRun) -> dict:
     """The manifest's description of one task (everything a client needs)."""
     cfg = run.cfg
     m = run.task.model
-    kind = "classify" if cfg.labels is not None else "vocab"
+    kind = "generate" if cfg.head == "generate" else "classify" if cfg.labels else "vocab"
     return {
         "kind": kind,
         "head": cfg.head,
@@ -237,7 +237,8 @@ def task_entry(run: LoadedRun) -> dict:
         "label_ids": m.label_ids.tolist() if m.label_ids.numel() else None,
         "verbalizer": cfg.verbalizer,
         "pseudo_ids": [cfg.vocab_size + run.task.offset, cfg.n_pseudo],
-        "output": output_name(run.name),
+        "output": "logits" if kind == "generate" else output_name(run.name),
+        "eos_id": cfg.eos_id,
         "train_metrics": cfg.best,
     }
 
@@ -259,8 +260,10 @@ def export(args: ExportArgs) -> dict:
         f"fusing {len(runs)} task(s): "
         + ", ".join(f"{r.name} ({r.cfg.n_pseudo} prompt tokens)" for r in runs)
     )
-    graph = fuse([r.task for r in runs])
-    check_fused(graph, runs, samples)
+    generative = runs[0].cfg.head == "generate"
+    graph = None if generative else fuse([r.task for r in runs])
+    if graph is not None:
+        check_fused(graph, runs, samples)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -277,14 +280,27 @@ def export(args: ExportArgs) -> dict:
 def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
     import onnxruntime as ort
 
+    from ptedge.export_decoder import check_generation_parity, export_decoder
     from ptedge.quantize import guard_int8, quantize_int8
 
     fp32 = tmp / FP32_MODEL
-    _log("exporting ONNX (torch.onnx.export, TorchScript) ...")
-    export_onnx(graph, runs, samples[0], fp32)
-    del graph
-    session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
-    parity = check_parity(session, runs, samples)
+    if graph is None:
+        _log("exporting the KV-cache decoder (optimum, text-generation-with-past) ...")
+        export_decoder(runs[0].task.model, fp32)
+        session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+        parity = {runs[0].name: check_generation_parity(session, runs[0], samples[0])}
+        _log(f"parity {runs[0].name}: {parity[runs[0].name]}")
+        inputs = [i.name for i in session.get_inputs()]
+        outputs = {runs[0].name: "logits"}
+    else:
+        _log("exporting ONNX (torch.onnx.export, TorchScript) ...")
+        export_onnx(graph, runs, samples[0], fp32)
+        del graph
+        session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+        parity = check_parity(session, runs, samples)
+        inputs = ["input_ids", "attention_mask", "slot"]
+        outputs = {r.name: output_name(r.name) for r in runs}
+    del session
     model_file = FP32_MODEL
     quant = None
     if args.quantize == "int8":
@@ -308,10 +324,7 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
         },
         "model": model_file,
         "tokenizer": "tokenizer.json",
-        "io": {
-            "inputs": ["input_ids", "attention_mask", "slot"],
-            "outputs": {r.name: output_name(r.name) for r in runs},
-        },
+        "io": {"inputs": inputs, "outputs": outputs},
         "tasks": {r.name: task_entry(r) for r in runs},
         "parity": parity,
         "quantization": quant,

@@ -40,15 +40,29 @@ def _level(name: str):
     }[name]
 
 
-def probe_feeds(pad_id: int = 0) -> dict[str, np.ndarray]:
-    """A small two-row batch (one row padded) of low token ids, valid for any vocabulary."""
+def probe_feeds(session, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """A small two-row batch (one row right-padded) of low token ids, valid for any
+    vocabulary, for every input ``session`` declares: a task graph's ``input_ids``,
+    ``attention_mask``, ``slot``, or a KV-cache decoder's ``position_ids`` and empty
+    ``past_key_values.*``."""
     ids = np.array([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, pad_id, pad_id, pad_id]])
     mask = np.array([[1] * 8, [1] * 5 + [0] * 3])
-    return {
-        "input_ids": ids.astype(np.int64),
-        "attention_mask": mask.astype(np.int64),
-        "slot": np.array([7, 4], dtype=np.int64),
+    known = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "slot": np.array([7, 4]),
+        "position_ids": np.maximum(mask.cumsum(-1) - 1, 0),
     }
+    feeds = {}
+    for i in session.get_inputs():
+        if i.name in known:
+            feeds[i.name] = known[i.name].astype(np.int64)
+        elif i.name.startswith("past_key_values.") and len(i.shape) == 4:
+            _, heads, _, dim = i.shape  # (batch, kv_heads, past_len, head_dim)
+            feeds[i.name] = np.zeros((2, heads, 0, dim), dtype=np.float32)
+        else:
+            raise OrtConversionError(f"no probe value for model input {i.name!r}; pass feeds=")
+    return feeds
 
 
 def convert_to_ort(
@@ -63,8 +77,8 @@ def convert_to_ort(
 
     ``optimization``: graph optimizations baked into the file (basic | extended | all;
     "all" skips the x86-only NCHWc layout, as onnxruntime's converter does).
-    ``feeds``: inputs for the parity check (default: ``probe_feeds()``; pass encoded
-    real records where available). Raises ``OrtConversionError`` when the ORT-format
+    ``feeds``: inputs for the parity check (default: ``probe_feeds``; pass encoded real
+    records where available). Raises ``OrtConversionError`` when the ORT-format
     model's scores differ from the ONNX model's by more than ``atol``.
 
     Returns the manifest entry: file names, onnxruntime version, optimization, parity.
@@ -100,19 +114,24 @@ def convert_to_ort(
         config.unlink(missing_ok=True)
         raise OrtConversionError(f"{src}: conversion to ORT format failed ({e})") from None
 
-    feeds = feeds if feeds is not None else probe_feeds()
     ref_sess = ort.InferenceSession(str(src), providers=providers)
     ort_sess = ort.InferenceSession(str(dst), providers=providers)
+    feeds = feeds if feeds is not None else probe_feeds(ref_sess)
     names = [o.name for o in ref_sess.get_outputs()]
     if [o.name for o in ort_sess.get_outputs()] != names:
         raise OrtConversionError(f"{dst}: outputs differ from {src.name}'s {names}")
     ref = ref_sess.run(names, feeds)
     got = ort_sess.run(names, feeds)
     diff = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(ref, got, strict=True))
-    labels = min(
-        float((a.argmax(-1) == b.argmax(-1)).mean()) for a, b in zip(ref, got, strict=True)
+    labels = min(  # over score outputs, not a decoder's present.* key/values
+        float((a.argmax(-1) == b.argmax(-1)).mean())
+        for n, a, b in zip(names, ref, got, strict=True)
+        if not n.startswith("present.")
     )
     if diff > atol:
+        del ort_sess
+        dst.unlink(missing_ok=True)
+        config.unlink(missing_ok=True)
         raise OrtConversionError(
             f"{dst}: scores differ from {src.name} by {diff:.3e} (tolerance {atol})"
         )

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-HEAD_PREFIX = "/heads"  # node-name prefix of the task heads in the exported graph
+# node-name prefixes of heads left in float: task heads of task graphs, the LM head of decoders
+HEAD_PREFIXES = ("/heads", "/lm_head")
 
 
 def quantize_int8(fp32: Path, int8: Path) -> dict:
@@ -33,7 +34,7 @@ def quantize_int8(fp32: Path, int8: Path) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(fp32))
-    excluded = [n.name for n in model.graph.node if n.name.startswith(HEAD_PREFIX)]
+    excluded = [n.name for n in model.graph.node if n.name.startswith(HEAD_PREFIXES)]
     del model
     quantize_dynamic(
         str(fp32),
@@ -109,6 +110,13 @@ def quantize_embedding_rows(model) -> str | None:
 def _task_accuracy(session, run, records, targets) -> float:
     from ptedge.export import onnx_scores
 
+    if run.cfg.head == "generate":
+        from ptedge.export_decoder import onnx_generate
+        from ptedge.targets import exact_match
+
+        texts = [run.tok.decode(t) for t in onnx_generate(session, run, records, 32)]
+        return exact_match(texts, targets)["accuracy"]
+
     keep = [i for i, t in enumerate(targets) if t is not None]
     correct = 0
     for i in range(0, len(keep), 32):
@@ -122,7 +130,7 @@ def guard_int8(fp32: Path, int8: Path, runs, args) -> dict:
     """Measure each task's accuracy in fp32 and int8; refuse a drop above ``max_drop``."""
     import onnxruntime as ort
 
-    from ptedge.data import Records, read_records
+    from ptedge.data import Records, labels_of, read_records
     from ptedge.targets import class_targets, vocab_targets
 
     sessions = [
@@ -135,7 +143,9 @@ def guard_int8(fp32: Path, int8: Path, runs, args) -> dict:
         if len(recs) > args.eval_max:
             idx = sorted(random.Random(0).sample(range(len(recs)), args.eval_max))
             recs = Records(recs.path, [recs[i] for i in idx], [recs.lines[i] for i in idx])
-        if run.cfg.labels is None:
+        if run.cfg.head == "generate":
+            targets = labels_of(recs, run.cfg.label_field)
+        elif run.cfg.labels is None:
             targets = vocab_targets(recs, run.cfg.label_field, run.compiled, run.tok)
         else:
             targets = class_targets(recs, run.cfg.label_field, run.cfg.labels)

@@ -138,11 +138,54 @@ class Predictor:
         width = out[0].shape[-1] if records else 0
         return (np.stack(out) if records else np.zeros((0, width), np.float32)), truncated
 
+    def generate(
+        self,
+        records: list[dict],
+        task: str | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        batch_size: int = 32,
+    ) -> list[dict]:
+        """Continue each record's prompt: one dict with ``text`` and ``tokens`` per record.
+
+        Greedy by default; ``temperature`` > 0 samples (with ``top_k``/``top_p``, ``seed``).
+        Stops at end-of-sequence. Needs a generation bundle (``--head generate``).
+        """
+        from ptedge.decoding import decode
+
+        name, spec = self.task(task)
+        if spec["kind"] != "generate":
+            raise ValueError(f"task {name!r} is a {spec['kind']} task; use predict()")
+        compiled = spec["template"]
+        results = []
+        for i in range(0, len(records), batch_size):
+            enc = encode(compiled, self.tokenizer, records[i : i + batch_size], padding_side="left")
+            seqs = decode(
+                self.session,
+                enc.input_ids,
+                enc.attention_mask,
+                spec["eos_id"],
+                compiled["pad_id"],
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                None if seed is None else seed + i,
+            )
+            results += [{"text": self.tokenizer.decode(t).strip(), "tokens": t} for t in seqs]
+        return results
+
     def predict(self, records: list[dict], task: str | None = None, batch_size: int = 32):
-        """One dict per record: ``label``, ``score`` and ``scores`` (or ``top_k``)."""
+        """One dict per record: ``label``, ``score`` and ``scores`` (or ``top_k``); for a
+        generation task, ``text`` (greedy, see ``generate``)."""
         name, spec = self.task(task)
         if not records:
             return []
+        if spec["kind"] == "generate":
+            return self.generate(records, name, batch_size=batch_size)
         scores, truncated = self.scores(records, name, batch_size)
         probs = _softmax(scores.astype(np.float64))
         results = []
@@ -177,6 +220,12 @@ class Predictor:
         from ptedge.targets import accuracy, class_targets, vocab_targets
 
         name, spec = self.task(task)
+        if spec["kind"] == "generate":
+            from ptedge.data import labels_of
+            from ptedge.targets import exact_match
+
+            texts = [r["text"] for r in self.generate(records, name, batch_size=batch_size)]
+            return exact_match(texts, labels_of(records, spec["label_field"]))
         if spec["kind"] == "classify":
             targets = class_targets(records, spec["label_field"], spec["labels"])
         else:
