@@ -132,6 +132,30 @@ def _verbalizer(value: str | None) -> dict[str, str] | None:
     help="Max tokens per record; only {field} text is truncated.",
 )
 @click.option("--eval-every", type=int, help="Steps between dev evaluations (default steps/5).")
+@click.option(
+    "--save-every",
+    type=int,
+    default=0,
+    help="Write a resumable checkpoint every N steps (atomic; removed when done).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue from the --out folder's latest checkpoint (fresh if none).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Precision of the frozen backbone; the prompt encoder trains in fp32.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (cuda when available), cpu, cuda, cuda:1, ...",
+)
 @click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--out", required=True, help="Run folder to write.")
 @_user_errors
@@ -139,6 +163,8 @@ def train_cmd(**kw) -> None:
     """P-tune a frozen backbone on a data file; writes a run folder.
 
     `--steps 0` with a template without [P] tokens measures the manual-prompt baseline.
+    Under `torchrun --nproc-per-node N --no-python ptedge train ...` (or `accelerate
+    launch`) it trains with DistributedDataParallel; --batch-size is the global batch.
     """
     from ptedge.backbones import resolve_model_path
     from ptedge.train import TrainArgs, train

@@ -18,6 +18,9 @@ of the file (``ptedge.runtime``), building onnxruntime for a phone.
 
 from __future__ import annotations
 
+import sys
+import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,28 @@ LEVELS = ("basic", "extended", "all")
 
 class OrtConversionError(RuntimeError):
     """The ORT-format model cannot be written, or differs from the ONNX model."""
+
+
+@contextmanager
+def _bare_ort_tools():
+    """Import onnxruntime's ORT-format tools without ``onnxruntime/tools/__init__.py``,
+    which imports torch whenever it is installed (for PyTorch helpers we do not use)."""
+    import onnxruntime
+
+    name = "onnxruntime.tools"
+    if name in sys.modules:
+        yield
+        return
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [str(Path(onnxruntime.__file__).parent / "tools")]
+    sys.modules[name] = pkg
+    try:
+        yield
+    finally:  # a later `import onnxruntime.tools` runs the real __init__
+        if sys.modules.get(name) is pkg:
+            del sys.modules[name]
+        if getattr(onnxruntime, "tools", None) is pkg:
+            delattr(onnxruntime, "tools")
 
 
 def _level(name: str):
@@ -84,7 +109,9 @@ def convert_to_ort(
     Returns the manifest entry: file names, onnxruntime version, optimization, parity.
     """
     import onnxruntime as ort
-    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    with _bare_ort_tools():
+        from onnxruntime.tools.ort_format_model import create_config_from_models
 
     if optimization not in LEVELS:
         raise ValueError(f"optimization {optimization!r}: choose one of {', '.join(LEVELS)}")

@@ -217,19 +217,26 @@ class PTuningModel(nn.Module):
         return out
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, slot: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        slot: torch.Tensor,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores (B, L) over the labels, or (B, V) over the vocabulary.
 
         input_ids, attention_mask: (B, T); slot: (B,) position whose output is the answer.
+        With ``positions`` (B, K): LM logits (B, K, V) there instead (``generate`` training).
         """
+        if positions is not None:
+            return self.target_logits(input_ids, attention_mask, positions)
         hidden = self.hidden(input_ids, attention_mask)  # (B, T, H)
-        at_slot = hidden[torch.arange(hidden.shape[0]), slot]  # (B, H)
+        at_slot = hidden[torch.arange(hidden.shape[0], device=hidden.device), slot]  # (B, H)
         if self.head is not None:
             if self.pool == "mean":
                 m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
                 at_slot = (hidden * m).sum(1) / m.sum(1)  # (B, H)
-            return self.head(at_slot)  # (B, L)
+            return self.head(at_slot.float())  # (B, L)
         logits = self.lm_head(at_slot)  # (B, V)
         if self.label_ids.numel():
             return logits[:, self.label_ids]  # (B, L)

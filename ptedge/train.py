@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 import ptedge
+from ptedge import checkpoint
 from ptedge.config import RunConfig
 from ptedge.data import Records, labels_of, read_records, require_fields
 from ptedge.model import build_for_run, eos_id, is_causal, load_backbone
@@ -56,14 +58,20 @@ class TrainArgs:
     max_length: int = 128
     eval_every: int | None = None
     log_every: int = 10
+    save_every: int = 0  # steps between resumable checkpoints (0 = none)
+    resume: bool = False  # continue from the run folder's checkpoint, if any
+    dtype: str = "fp32"  # frozen backbone precision: fp32 | bf16 | fp16 (encoder stays fp32)
+    device: str = "auto"  # auto = cuda when available, else cpu
     force: bool = False
 
 
 class Job:
     """A run's model with its tokenizer and template: targets, loss, scoring."""
 
-    def __init__(self, cfg: RunConfig, model, tok, compiled):
+    def __init__(self, cfg: RunConfig, model, tok, compiled, device: str = "cpu"):
         self.cfg, self.model, self.tok, self.compiled = cfg, model, tok, compiled
+        self.device = torch.device(device)
+        self.forward = model  # the DistributedDataParallel wrapper when distributed
 
     @property
     def generative(self) -> bool:
@@ -82,27 +90,28 @@ class Job:
 
     def batch(self, records: list[dict], targets=None, side: str = "right"):
         enc = encode(self.compiled, self.tok, records, targets=targets, padding_side=side)
-        return (
-            torch.from_numpy(enc.input_ids),
-            torch.from_numpy(enc.attention_mask),
-            torch.from_numpy(enc.slot),
+        return tuple(
+            torch.from_numpy(a).to(self.device)
+            for a in (enc.input_ids, enc.attention_mask, enc.slot)
         )
 
     def loss(self, records: list[dict], targets: list) -> torch.Tensor:
         """Cross-entropy of a batch: over labels/vocabulary at the slot, or teacher-forced
         over every target token (``generate``)."""
         if not self.generative:
-            scores = self.model(*self.batch(records))  # (B, L|V)
-            return torch.nn.functional.cross_entropy(scores, torch.tensor(targets))
+            scores = self.forward(*self.batch(records))  # (B, L|V)
+            gold = torch.tensor(targets, device=self.device)
+            return torch.nn.functional.cross_entropy(scores.float(), gold)
         ids, mask, slot = self.batch(records, targets)
         width = max(len(t) for t in targets)
-        steps = torch.arange(width)  # (K,)
+        steps = torch.arange(width, device=self.device)  # (K,)
         positions = (slot.unsqueeze(1) + steps).clamp(max=ids.shape[1] - 1)  # (B, K)
         gold = torch.full((len(targets), width), -100)  # (B, K), -100 = ignored
         for b, t in enumerate(targets):
             gold[b, : len(t)] = torch.tensor(t)
-        logits = self.model.target_logits(ids, mask, positions)  # (B, K, V)
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), gold.flatten())
+        logits = self.forward(ids, mask, slot, positions=positions)  # (B, K, V)
+        gold = gold.to(self.device)
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), gold.flatten())
 
     def generate(self, records: list[dict], max_new_tokens: int, batch_size: int = 32):
         """Greedy texts (torch reference decoder), one per record."""
@@ -155,12 +164,41 @@ def _subsample(records: Records, n: int, seed: int) -> Records:
     return Records(records.path, [records[i] for i in idx], [records.lines[i] for i in idx])
 
 
-def _prepare_out(out: Path, force: bool) -> None:
+def _prepare_out(out: Path, force: bool, resume: bool) -> None:
+    """An empty run folder, or one with a checkpoint to resume from."""
+    if resume and checkpoint.load(out) is not None:
+        return
     if out.exists() and any(out.iterdir()):
-        if not force:
-            raise FileExistsError(f"{out}: output folder is not empty (use --force to replace it)")
+        if not (force or resume):
+            raise FileExistsError(
+                f"{out}: output folder is not empty (use --resume to continue it, "
+                "--force to replace it)"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); joins the process group under torchrun or accelerate launch."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _versions() -> dict:
@@ -228,8 +266,14 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     )
     torch.manual_seed(args.seed)
     random.seed(args.seed)
+    device = _device(args.device)
+    rank, world = _distributed(device)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must divide among {world} processes")
     model, tok, compiled, _ = build_for_run(cfg, backbone)
-    job = Job(cfg, model, tok, compiled)
+    model.backbone.to(device=device, dtype=DTYPES[args.dtype])
+    model.to(device)
+    job = Job(cfg, model, tok, compiled, device)
     targets = job.targets(train_recs)
     examples = [(r, t) for r, t in zip(train_recs, targets, strict=True) if t is not None]
     if not examples:
@@ -248,10 +292,12 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         per_epoch = math.ceil(len(examples) / args.batch_size)
         steps = math.ceil(per_epoch * (args.epochs if args.epochs is not None else 1))
     out = Path(args.out)
-    _prepare_out(out, args.force)
-    metrics_path = out / METRICS
+    if rank == 0:
+        _prepare_out(out, args.force, args.resume)
     cfg.steps = steps
-    best_state = _fit(job, examples, steps, args, dev_eval, metrics_path, progress)
+    best_state = _fit(job, examples, steps, args, dev_eval, out, progress, (rank, world))
+    if rank != 0:
+        return cfg
     if best_state is not None:
         model.load_trainable_state(best_state["weights"])
         cfg.best = best_state["metrics"]
@@ -259,16 +305,26 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         cfg.best = {"step": steps, **{f"dev_{k}": v for k, v in evaluate(job, dev_eval).items()}}
     model.save_weights(out)
     cfg.save(out)
-    _plot(metrics_path, out / CURVE)
+    _plot(out / METRICS, out / CURVE)
+    shutil.rmtree(out / checkpoint.CHECKPOINT, ignore_errors=True)  # finished: not needed
     return cfg
 
 
-def _fit(job, examples, steps, args, dev_eval, metrics_path, progress) -> dict | None:
-    """The optimisation loop. Returns the best dev state {"weights", "metrics"} or None."""
+def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -> dict | None:
+    """The optimisation loop. Returns the best dev state {"weights", "metrics"} or None.
+
+    Rank 0 of a distributed run logs, evaluates and checkpoints; every rank takes its
+    share of each global batch, and DistributedDataParallel averages the gradients.
+    """
+    rank, world = dist_info
     model = job.model
     params = [p for p in model.parameters() if p.requires_grad]
     if steps == 0 or not params:
         return None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        job.forward = DistributedDataParallel(model, broadcast_buffers=False)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warm = max(1, int(steps * args.warmup))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -276,28 +332,38 @@ def _fit(job, examples, steps, args, dev_eval, metrics_path, progress) -> dict |
     )
     eval_every = args.eval_every or max(steps // 5, 1)
     gen = torch.Generator().manual_seed(args.seed)
-    order: list[int] = []
-    best: dict | None = None
-    bar = _bar(steps, progress)
+    start, order, best = 0, [], None
+    saved = checkpoint.load(out) if args.resume else None
+    if saved is not None:
+        model.load_trainable_state(saved["weights"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        gen.set_state(saved["generator"])
+        start, order, best = saved["step"], saved["order"], saved["best"]
+    lead = rank == 0
+    metrics_path = out / METRICS
+    bar = _bar(steps, progress and lead, start)
     loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
     model.train()
-    for step in range(1, steps + 1):
+    for step in range(start + 1, steps + 1):
         batch_idx = []
         while len(batch_idx) < args.batch_size:
             if not order:
                 order = torch.randperm(len(examples), generator=gen).tolist()
             batch_idx.append(order.pop())
-        recs = [examples[i][0] for i in batch_idx]
-        loss = job.loss(recs, [examples[i][1] for i in batch_idx])
+        mine = batch_idx[rank::world]  # this rank's share of the global batch
+        loss = job.loss([examples[i][0] for i in mine], [examples[i][1] for i in mine])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         loss_sum += loss.item()
-        seen += len(recs)
+        seen += len(batch_idx)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if not lead:
+            continue
         row = None
         if step % args.log_every == 0 or step == steps:
             dt = time.perf_counter() - t0
@@ -306,12 +372,15 @@ def _fit(job, examples, steps, args, dev_eval, metrics_path, progress) -> dict |
                 "loss": loss_sum / max(1, seen / args.batch_size),
                 "lr": sched.get_last_lr()[0],
                 "samples_per_s": seen / dt,
+                "world_size": world,
             }
             loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
         if dev_eval is not None and (step % eval_every == 0 or step == steps):
             dev = evaluate(job, dev_eval)
             model.train()
-            row = (row or {"step": step}) | {f"dev_{k}": v for k, v in dev.items()}
+            row = (row or {"step": step, "world_size": world}) | {
+                f"dev_{k}": v for k, v in dev.items()
+            }
             if best is None or dev["accuracy"] > best["metrics"]["dev_accuracy"]:
                 best = {
                     "weights": model.trainable_state(),
@@ -321,15 +390,28 @@ def _fit(job, examples, steps, args, dev_eval, metrics_path, progress) -> dict |
         if row is not None:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+                f.flush()
+        if args.save_every and step % args.save_every == 0 and step < steps:
+            state = {
+                "step": step,
+                "order": order,
+                "best": best,
+                "weights": model.trainable_state(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "generator": gen.get_state(),
+            }
+            checkpoint.save(out, state)
     bar.close()
     model.eval()
     return best
 
 
-def _bar(total: int, enabled: bool):
+def _bar(total: int, enabled: bool, initial: int = 0):
     from tqdm import tqdm
 
     return tqdm(
+        initial=initial,
         total=total,
         desc="train",
         unit="step",
