@@ -240,10 +240,18 @@ def _is_bundle(path: str) -> bool:
     help="Accuracy points int8 may lose before the export is refused.",
 )
 @click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "ort"]),
+    default="onnx",
+    show_default=True,
+    help="ort: also write model.ort and its operator list, for onnxruntime mobile builds.",
+)
+@click.option(
     "--force", is_flag=True, help="Replace a non-empty --out; write int8 even past --max-drop."
 )
 @_user_errors
-def export_cmd(runs, out, quantize, eval_file, eval_max, max_drop, force) -> None:
+def export_cmd(runs, out, quantize, eval_file, eval_max, max_drop, fmt, force) -> None:
     """Fuse the prompts of RUNS into the backbone and write an ONNX bundle.
 
     Several runs on one backbone make one multi-task bundle (tasks named after the run
@@ -260,6 +268,7 @@ def export_cmd(runs, out, quantize, eval_file, eval_max, max_drop, force) -> Non
             eval_max=eval_max,
             max_drop=max_drop,
             force=force,
+            format=fmt,
         )
     )
     click.echo(
@@ -322,6 +331,12 @@ def info_cmd(bundle: str) -> None:
     click.echo(f"model      {m['model']}  ({sizes[m['model']] / 1e6:.1f} MB)")
     q = m.get("quantization")
     click.echo(f"quantized  {q['method'] if q else 'no (fp32)'}")
+    if m.get("ort"):
+        o = m["ort"]
+        click.echo(
+            f"ort        {o['file']}  ({sizes[o['file']] / 1e6:.1f} MB, onnxruntime "
+            f"{o['onnxruntime_version']}, ops in {o['operators_config']})"
+        )
     for name, t in m["tasks"].items():
         labels = t["labels"]
         kind = f"{len(labels)} labels" if labels else "open vocabulary"

@@ -54,6 +54,7 @@ class ExportArgs:
     eval_max: int = 1000  # records scored for the int8 guard
     max_drop: float = 1.0  # accuracy points int8 may lose
     force: bool = False
+    format: str = "onnx"  # onnx | ort (also model.ort + operator config, for mobile)
 
 
 @dataclass
@@ -252,6 +253,8 @@ def export(args: ExportArgs) -> dict:
     """Run ``ptedge export``; returns the manifest written to ``args.out``."""
     out = Path(args.out)
     _prepare_out(out, args.force)
+    if args.format not in ("onnx", "ort"):
+        raise ValueError(f"--format {args.format!r}: choose onnx or ort")
     if args.quantize not in (None, "int8"):
         raise ValueError(f"--quantize {args.quantize!r}: only int8 is supported")
     runs, _ = load_runs(args.runs)
@@ -268,6 +271,9 @@ def export(args: ExportArgs) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         manifest = _write_bundle(tmp, graph, runs, samples, args)
+        tmp.chmod(0o755)  # mkdtemp makes it private; bundles are meant to be shared
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -310,6 +316,14 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
         quant["guard"] = guard_int8(fp32, int8, runs, args)
         fp32.unlink()
         model_file = INT8_MODEL
+    ort_entry = None
+    if args.format == "ort":
+        from ptedge.mobile import convert_to_ort
+
+        _log("converting to ORT format (onnxruntime mobile) ...")
+        generative = runs[0].cfg.head == "generate"
+        feeds = None if generative else _graph_inputs(runs[0], samples[0])
+        ort_entry = convert_to_ort(tmp, model_file, feeds=feeds)
     cfg0 = runs[0].cfg
     shutil.copy(Path(cfg0.model) / "tokenizer.json", tmp / "tokenizer.json")
     manifest = {
@@ -328,6 +342,7 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
         "tasks": {r.name: task_entry(r) for r in runs},
         "parity": parity,
         "quantization": quant,
+        "ort": ort_entry,
     }
     manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     write_json_atomic(tmp / BUNDLE_MANIFEST, manifest)

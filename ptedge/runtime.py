@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ptedge.config import BUNDLE_FORMAT_VERSION, BUNDLE_MANIFEST, read_json
-from ptedge.template import encode, load_tokenizer
+from ptedge.template import encode, load_tokenizer, record_fields
 
 TOP_K = 5  # alternatives listed for open-vocabulary tasks
 
@@ -59,7 +59,8 @@ def load_manifest(bundle: str | Path, verify: bool = True) -> dict:
             f"this ptedge reads {BUNDLE_FORMAT_VERSION}"
         )
     files = m.get("files") or {}
-    for name in (m.get("model"), m.get("tokenizer")):
+    ort_file = (m.get("ort") or {}).get("file")
+    for name in (m.get("model"), m.get("tokenizer"), *([ort_file] if ort_file else [])):
         if name not in files:
             raise BundleError(f"{path}: file {name!r} is not listed with a sha256")
     for name, digest in files.items():
@@ -85,6 +86,7 @@ class Predictor:
         providers: list[str] | None = None,
         threads: int | None = None,
         verify: bool = True,
+        prefer_ort: bool = False,
     ):
         import onnxruntime as ort
 
@@ -97,7 +99,12 @@ class Predictor:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        model = _safe_name(self.bundle, self.manifest["model"])
+        name = self.manifest["model"]
+        if prefer_ort:
+            if not self.manifest.get("ort"):
+                raise BundleError(f"{self.bundle}: no ORT-format model (export with --format ort)")
+            name = self.manifest["ort"]["file"]
+        model = _safe_name(self.bundle, name)
         try:
             self.session = ort.InferenceSession(
                 str(model), opts, providers=providers or ["CPUExecutionProvider"]
@@ -122,7 +129,10 @@ class Predictor:
         out: list[np.ndarray] = [None] * len(records)  # type: ignore[list-item]
         truncated = np.zeros(len(records), dtype=np.int64)
         # encode once, then batch records of similar length together (less padding)
-        order = np.argsort([sum(len(str(v)) for v in r.values()) for r in records], kind="stable")
+        fields = record_fields(compiled)
+        order = np.argsort(
+            [sum(len(str(r.get(f, ""))) for f in fields) for r in records], kind="stable"
+        )
         for i in range(0, len(records), batch_size):
             idx = order[i : i + batch_size]
             enc = encode(compiled, self.tokenizer, [records[j] for j in idx])

@@ -16,15 +16,17 @@ from ptedge.data import DataError, Records, labels_of
 from ptedge.template import answer_ids
 
 
-def class_targets(records: Records, label_field: str, labels: list[str]) -> list[int]:
+def class_targets(records: Records | list[dict], label_field: str, labels: list[str]) -> list[int]:
     """Index of each record's label in ``labels``; an unknown label is a DataError."""
     index = {lab: i for i, lab in enumerate(labels)}
     out: list[int] = []
-    for line, lab in zip(records.lines, labels_of(records, label_field), strict=True):
+    lines = getattr(records, "lines", None) or range(1, len(records) + 1)
+    path = getattr(records, "path", "<records>")
+    for line, lab in zip(lines, labels_of(records, label_field), strict=True):
         if lab not in index:
             shown = ", ".join(labels[:8]) + (", ..." if len(labels) > 8 else "")
             raise DataError(
-                f"{records.path}:{line}: label {lab!r} in field {label_field!r} is not one of "
+                f"{path}:{line}: label {lab!r} in field {label_field!r} is not one of "
                 f"the task's labels ({shown})"
             )
         out.append(index[lab])

@@ -6,7 +6,6 @@ import csv
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -336,15 +335,6 @@ def test_real_sst2_test() -> None:
     require_fields(records, ["sentence", "label"])
     assert set(labels_of(records, "label")) == {"0", "1"}
     assert records.lines[0] == 2 and records.lines[-1] == 873
-
-
-def test_real_sst2_train_is_fast() -> None:
-    path = shared("sst2/train.tsv")
-    start = time.perf_counter()
-    records = read_records(path)
-    elapsed = time.perf_counter() - start
-    assert len(records) == 60614
-    assert elapsed < 1.0, f"reading {len(records)} records took {elapsed:.2f}s"
 
 
 def test_real_banking77_test() -> None:
