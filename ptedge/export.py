@@ -191,7 +191,9 @@ def output_name(task: str) -> str:
 
 
 def onnx_scores(session, run: LoadedRun, records: list[dict]) -> np.ndarray:
-    out = session.run([output_name(run.name)], _graph_inputs(run, records))[0]
+    feeds = _graph_inputs(run, records)
+    names = {i.name for i in session.get_inputs()}  # a head that ignores the slot drops it
+    out = session.run([output_name(run.name)], {k: v for k, v in feeds.items() if k in names})[0]
     return out.astype(np.float32)
 
 
@@ -304,7 +306,7 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
         del graph
         session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
         parity = check_parity(session, runs, samples)
-        inputs = ["input_ids", "attention_mask", "slot"]
+        inputs = [i.name for i in session.get_inputs()]
         outputs = {r.name: output_name(r.name) for r in runs}
     del session
     model_file = FP32_MODEL

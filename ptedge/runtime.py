@@ -111,6 +111,7 @@ class Predictor:
             )
         except Exception as e:  # onnxruntime raises its own types for broken files
             raise BundleError(f"{model}: onnxruntime cannot load it ({e})") from None
+        self._inputs = {i.name for i in self.session.get_inputs()}  # a mean-pool head has no slot
 
     def task(self, task: str | None) -> tuple[str, dict]:
         """(name, manifest entry) of a task; the only one when ``task`` is None."""
@@ -141,6 +142,7 @@ class Predictor:
                 "attention_mask": enc.attention_mask,
                 "slot": enc.slot,
             }
+            feeds = {k: v for k, v in feeds.items() if k in self._inputs}
             res = self.session.run([spec["output"]], feeds)[0]  # (b, L|V)
             for k, j in enumerate(idx):
                 out[j] = res[k]

@@ -255,7 +255,11 @@ async function main() {
   let batch = [];
   const flush = async () => {
     if (!batch.length) return;
-    const res = await session.run(toFeeds(c, batch), [spec.output]);
+    const feeds = toFeeds(c, batch);
+    for (const name of Object.keys(feeds)) {
+      if (!session.inputNames.includes(name)) delete feeds[name]; // §6: only listed inputs
+    }
+    const res = await session.run(feeds, [spec.output]);
     for (const r of results(spec, tok, res[spec.output], batch)) {
       process.stdout.write(`${JSON.stringify(r)}\n`);
     }
