@@ -348,5 +348,73 @@ def info_cmd(bundle: str) -> None:
         )
 
 
+@main.command("import-peft")
+@click.argument("adapter_dir")
+@click.option(
+    "--model",
+    required=True,
+    help="Base model the adapter was trained on: a transformers folder or a known name.",
+)
+@click.option("--out", required=True, help="Run folder to write.")
+@click.option(
+    "--field",
+    default="sentence",
+    show_default=True,
+    help="Record field holding the text PEFT's tokenizer was given.",
+)
+@click.option("--label-field", default="label", show_default=True, help="Record field of labels.")
+@click.option(
+    "--labels",
+    help="Class names by classifier index: a JSON list or a JSON file "
+    "(default: the base config's id2label, else 0..L-1).",
+)
+@click.option("--data", help="Records kept as the run's dev file (export's parity check).")
+@click.option("--max-length", type=int, help="Max tokens, virtual ones included (default n+128).")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out folder.")
+@_user_errors
+def import_peft_cmd(adapter_dir, model, out, field, label_field, labels, data, max_length, force):
+    """Import a PEFT P-tuning or prompt-tuning adapter as a run folder.
+
+    SEQ_CLS adapters on BERT-style backbones (pooler + classifier) and CAUSAL_LM adapters.
+    PEFT's placement is kept exactly (virtual tokens before [CLS]/BOS); the run works
+    with `ptedge eval` and `ptedge export` like a trained one.
+    """
+    from ptedge.backbones import resolve_model_path
+    from ptedge.peft_import import import_peft
+
+    names = None
+    if labels is not None:
+        text = Path(labels).read_text() if Path(labels).is_file() else labels
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--labels: not a JSON list or a JSON file ({e.msg})") from None
+        if not isinstance(names, list) or not names:
+            raise ValueError('--labels: expected a JSON list such as ["neg", "pos"]')
+    cfg = import_peft(
+        adapter_dir,
+        resolve_model_path(model),
+        out,
+        force,
+        field=field,
+        label_field=label_field,
+        labels=names,
+        data=data,
+        max_length=max_length,
+    )
+    click.echo(
+        json.dumps(
+            {
+                "out": out,
+                "template": cfg.template,
+                "head": cfg.head,
+                "pool": cfg.pool,
+                "n_pseudo": cfg.n_pseudo,
+                "labels": len(cfg.labels or []),
+            }
+        )
+    )
+
+
 if __name__ == "__main__":
     main()

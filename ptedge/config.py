@@ -33,7 +33,8 @@ class RunConfig:
     label_field: str = "label"  # record field holding the label / target text
     labels: list[str] | None = None  # class names; None = open vocabulary or generation
     verbalizer: dict[str, str] | None = None  # label -> answer word (lm head)
-    pool: str = "slot"  # linear head input: hidden state at the slot, or mean over tokens
+    pool: str = "slot"  # linear head input: hidden state at the slot, mean, or the pooler
+    layout: str = "ptedge"  # ptedge | peft: [P:n] before the specials, [MASK] optional
     max_length: int = 128  # tokens, template included; only field text is truncated
     n_pseudo: int = 0  # pseudo tokens in the template
     vocab_size: int = 0  # rows of the backbone's word embedding (V); pseudo ids start here

@@ -96,6 +96,8 @@ def load_runs(run_dirs: list[str]) -> tuple[list[LoadedRun], torch.nn.Module]:
 def parity_records(run: LoadedRun, eval_file: str | None, n: int = PARITY_RECORDS) -> list[dict]:
     """Up to n real records of the run's data with the template's fields."""
     path = eval_file or run.cfg.dev_file or run.cfg.train_file
+    if not path:
+        raise ValueError(f"run {run.name} has no data file for the parity check; use --eval FILE")
     recs = read_records(path)
     need = record_fields(run.compiled)
     usable = [r for r in recs if all(r.get(f) is not None for f in need)]

@@ -65,17 +65,20 @@ class _LabelHead(nn.Module):
 
 
 class _LinearHead(nn.Module):
-    """A trained linear classifier reading the slot or the mean over tokens."""
+    """A trained linear classifier reading the slot, the mean over tokens or the pooler."""
 
-    def __init__(self, linear: nn.Linear, pool: str):
+    def __init__(self, linear: nn.Linear, pool: str, pooler: nn.Module | None = None):
         super().__init__()
         self.linear = copy.deepcopy(linear)
         self.pool = pool
+        self.pooler = copy.deepcopy(pooler) if pool == "pooler" else None
 
     def forward(self, at_slot, hidden, attention_mask):
         if self.pool == "mean":
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
             at_slot = (hidden * m).sum(1) / m.sum(1)  # (B, H)
+        elif self.pooler is not None:
+            at_slot = self.pooler(hidden)  # (B, H)
         return self.linear(at_slot)  # (B, L)
 
 
@@ -120,7 +123,7 @@ def fuse(tasks: list[FusedTask]) -> TaskGraph:
     for t in tasks:
         m = t.model
         if m.head is not None:
-            heads.append(_LinearHead(m.head, m.pool))
+            heads.append(_LinearHead(m.head, m.pool, getattr(m.base, "pooler", None)))
             needs_hidden.append(True)
         elif m.label_ids.numel():
             heads.append(_LabelHead(m.lm_head, m.label_ids))

@@ -7,7 +7,9 @@ The forward pass looks up ordinary token embeddings, replaces pseudo-token posit
 - ``lm``: the backbone's own LM head at the slot, over the verbalizer's token ids, or
   over the whole vocabulary (open vocabulary, LAMA style);
 - ``linear``: a trained ``Linear(H, n_labels)`` on the slot's hidden state (or the mean
-  over the sequence with ``pool="mean"``), for backbones without an LM head.
+  over the sequence with ``pool="mean"``, or the backbone's own pooler with
+  ``pool="pooler"``, as BERT's sequence classifiers and PEFT adapters for them do), for
+  backbones without an LM head.
 
 Also here: loading a backbone folder and a run folder into this model. Not
 responsible for: the training loop (``ptedge.train``), freezing/fusing for export
@@ -28,7 +30,7 @@ from ptedge.prompt_encoder import PromptEncoder
 from ptedge.template import compile_template, load_tokenizer
 
 HEADS = ("lm", "linear", "generate")
-POOLS = ("slot", "mean")
+POOLS = ("slot", "mean", "pooler")
 
 
 def load_backbone(path: str | Path) -> nn.Module:
@@ -136,6 +138,8 @@ class PTuningModel(nn.Module):
                 f"head {head!r} needs a backbone with an LM head; "
                 f"{type(backbone).__name__} has none (use --head linear)"
             )
+        if pool == "pooler" and getattr(self.base, "pooler", None) is None:
+            raise ValueError(f"pool 'pooler': {type(self.base).__name__} has no pooler")
         self.head_kind = head
         self.pool = pool
         emb = self.base.get_input_embeddings()
@@ -236,6 +240,8 @@ class PTuningModel(nn.Module):
             if self.pool == "mean":
                 m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
                 at_slot = (hidden * m).sum(1) / m.sum(1)  # (B, H)
+            elif self.pool == "pooler":  # e.g. BERT: tanh(dense(first token))
+                at_slot = self.base.pooler(hidden)  # (B, H)
             return self.head(at_slot.float())  # (B, L)
         logits = self.lm_head(at_slot)  # (B, V)
         if self.label_ids.numel():
@@ -291,6 +297,7 @@ def build_for_run(cfg: RunConfig, backbone: nn.Module | None = None):
         pad_id=pad_id,
         max_length=cfg.max_length,
         pseudo_base=cfg.vocab_size,
+        peft_layout=cfg.layout == "peft",
     )
     label_ids = None
     if cfg.head == "lm" and cfg.verbalizer:

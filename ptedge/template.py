@@ -59,8 +59,12 @@ class Mask:
 Segment = Text | Field | Pseudo | Mask
 
 
-def parse(template: str) -> list[Segment]:
-    """Split a template string into segments; raises TemplateError on unknown tokens."""
+def parse(template: str, *, need_slot: bool = True) -> list[Segment]:
+    """Split a template string into segments; raises TemplateError on unknown tokens.
+
+    ``need_slot=False`` also accepts a template without ``[MASK]`` (a head that reads
+    no slot, e.g. an imported PEFT classifier that pools the first token).
+    """
     segments: list[Segment] = []
     pos = 0
     for m in _TOKEN_RE.finditer(template):
@@ -86,9 +90,10 @@ def parse(template: str) -> list[Segment]:
     if pos < len(template):
         segments.append(Text(template[pos:]))
     masks = sum(isinstance(s, Mask) for s in segments)
-    if masks != 1:
+    if masks > 1 or (need_slot and masks == 0):
+        need = "exactly" if need_slot else "at most"
         raise TemplateError(
-            f"template {template!r} needs exactly one [MASK] (the answer slot), found {masks}"
+            f"template {template!r} needs {need} one [MASK] (the answer slot), found {masks}"
         )
     return segments
 
@@ -136,6 +141,7 @@ def compile_template(
     pad_id: int,
     max_length: int = DEFAULT_MAX_LENGTH,
     pseudo_base: int = 0,
+    peft_layout: bool = False,
 ) -> dict:
     """Compile a template for one tokenizer into a JSON-able dict.
 
@@ -143,8 +149,15 @@ def compile_template(
     last, nothing is inserted for it, no suffix specials follow). Otherwise ``mask_id``
     is inserted at the slot and the answer is read there. Pseudo token k of this
     template gets id ``pseudo_base + k``.
+
+    ``peft_layout``: PEFT's placement, for imported adapters: the template starts with
+    ``[P:n]``, which goes *before* the tokenizer's prefix specials ([CLS], BOS), and
+    ``[MASK]`` is optional (without it the slot is position 0).
     """
-    segments = parse(template)
+    segments = parse(template, need_slot=not peft_layout)
+    if peft_layout and not (segments and isinstance(segments[0], Pseudo)):
+        raise TemplateError(f"template {template!r}: a PEFT layout must start with [P:n]")
+    has_slot = any(isinstance(s, Mask) for s in segments)
     if (
         causal
         and not isinstance(segments[-1], Mask)
@@ -155,7 +168,7 @@ def compile_template(
         )
     ):
         raise TemplateError(f"template {template!r}: for a causal LM, [MASK] must be the last item")
-    if not causal and mask_id is None:
+    if not causal and mask_id is None and has_slot:
         raise TemplateError("backbone tokenizer has no mask token; its templates need one")
     out: list[dict] = []
     pending_ws = ""
@@ -193,6 +206,7 @@ def compile_template(
         "pseudo_base": pseudo_base,
         "pseudo_count": offset,
         "answer_prefix": answer_prefix,
+        "pseudo_first": peft_layout,
     }
     fixed = _fixed_length(compiled)
     if fixed >= max_length:
@@ -287,14 +301,18 @@ def encode(
     slots: list[int] = []
     truncated: list[int] = []
     nf = len(field_segs)
+    segments, lead = compiled["segments"], range(0)
+    if compiled.get("pseudo_first"):  # PEFT: the leading [P:n] goes before the specials
+        start, count = segments[0]["pseudo"]
+        segments, lead = segments[1:], range(base + start, base + start + count)
     for b in range(len(records)):
         pieces = field_ids[b * nf : (b + 1) * nf]
         keep = _fit([len(p) for p in pieces], budget)
         truncated.append(sum(len(p) for p in pieces) - sum(keep))
-        ids = list(compiled["prefix_ids"])
-        slot = -1
+        ids = list(lead) + list(compiled["prefix_ids"])
+        slot = 0  # a template without [MASK] (PEFT layout) reads position 0
         fi = 0
-        for s in compiled["segments"]:
+        for s in segments:
             if "ids" in s:
                 ids.extend(s["ids"])
             elif "field" in s:

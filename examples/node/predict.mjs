@@ -155,10 +155,18 @@ function encodeRecord(c, tok, record, lineNo) {
     fieldTokens.map((t) => t.length),
     c.max_length - fixedLength(c),
   );
-  const ids = [...c.prefix_ids];
-  let slot = -1;
+  // §5.4: pseudo_first (imported PEFT adapters) puts the first [P:n] before the specials
+  let segments = c.segments;
+  const ids = [];
+  if (c.pseudo_first) {
+    const [start, count] = segments[0].pseudo;
+    for (let k = 0; k < count; k++) ids.push(c.pseudo_base + start + k);
+    segments = segments.slice(1);
+  }
+  ids.push(...c.prefix_ids);
+  let slot = 0; // a template without a slot (PEFT layout) reads position 0
   let fi = 0;
-  for (const s of c.segments) {
+  for (const s of segments) {
     if (s.ids) ids.push(...s.ids);
     else if ("field" in s) {
       ids.push(...fieldTokens[fi].slice(0, keep[fi]));

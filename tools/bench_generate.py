@@ -1,0 +1,149 @@
+"""Generation speed: a P-tuned SmolLM2 decoding in onnxruntime against PyTorch.
+
+Tokens per second of greedy decoding for the same ``--head generate`` run:
+PyTorch (transformers' ``generate`` on the unfused model with the prompt spliced in
+as ``inputs_embeds``, KV cache on: the way a PEFT user decodes) against the ptedge
+bundle in onnxruntime, fp32 and int8 (``Predictor.generate``, KV cache), at batch 1
+and batch 8, 2 threads each, measured in one run alternating the methods round by
+round so machine drift hits all of them. Writes ``docs/results/generate.{json,md}``.
+
+    python tools/bench_generate.py --run runs/p36              # builds the bundles if missing
+    python tools/bench_generate.py --run runs/p36 --quick
+
+Not a quality benchmark: the texts are also compared, as a sanity check only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bundle(run: Path, out: Path, quantize: str | None) -> Path:
+    from ptedge.export import ExportArgs, export
+
+    if not (out / "ptedge.json").is_file():
+        export(ExportArgs(runs=[str(run)], out=str(out), quantize=quantize, max_drop=100.0,
+                          force=True))
+    return out
+
+
+def _torch_decoder(run: Path):
+    """Greedy decoding with transformers' generate (KV cache) on the unfused model."""
+    import torch
+
+    from ptedge.model import load_run
+    from ptedge.template import encode
+
+    cfg, model, tok, compiled, _ = load_run(run)
+
+    @torch.inference_mode()
+    def generate(records, max_new_tokens):
+        enc = encode(compiled, tok, records, padding_side="left")
+        ids = torch.from_numpy(enc.input_ids)
+        mask = torch.from_numpy(enc.attention_mask)
+        embeds = model.embed(ids)  # (B, T, H) with the prompt rows spliced in
+        out = model.backbone.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+            do_sample=False, eos_token_id=cfg.eos_id, pad_token_id=compiled["pad_id"],
+            min_new_tokens=max_new_tokens,
+        )
+        return out.shape[0] * max_new_tokens
+
+    return generate
+
+
+def _onnx_decoder(bundle: Path):
+    from ptedge.runtime import Predictor
+
+    p = Predictor(bundle, threads=2)
+
+    def generate(records, max_new_tokens):
+        from ptedge.decoding import decode
+        from ptedge.template import encode
+
+        name, spec = p.task(None)
+        enc = encode(spec["template"], p.tokenizer, records, padding_side="left")
+        # eos_id=-1: decode exactly max_new_tokens, as the PyTorch side does
+        out = decode(p.session, enc.input_ids, enc.attention_mask, -1,
+                     spec["template"]["pad_id"], max_new_tokens)
+        return sum(len(t) for t in out)
+
+    return generate
+
+
+def main() -> None:
+    import torch
+
+    from ptedge.data import read_records
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="a --head generate run folder")
+    ap.add_argument("--data", default=None, help="records (default: the run's train file)")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results"))
+    a = ap.parse_args()
+    rounds, new_tokens = (1, 4) if a.quick else (a.rounds, a.new_tokens)
+    torch.set_num_threads(2)
+    run = Path(a.run)
+    cfg = json.loads((run / "ptedge.json").read_text())
+    records = list(read_records(a.data or cfg["train_file"]))[:64]
+    work = run.parent / f"{run.name}-bench"
+    methods = {
+        "pytorch": _torch_decoder(run),
+        "onnx_fp32": _onnx_decoder(_bundle(run, work / "fp32", None)),
+        "onnx_int8": _onnx_decoder(_bundle(run, work / "int8", "int8")),
+    }
+    results: dict[str, dict[int, list[float]]] = {m: {1: [], 8: []} for m in methods}
+    for name, fn in methods.items():  # warm-up
+        fn(records[:1], 2)
+    for r in range(rounds):
+        for batch in (1, 8):
+            recs = records[r * batch : (r + 1) * batch] or records[:batch]
+            for name, fn in methods.items():
+                t0 = time.perf_counter()
+                n = fn(recs, new_tokens)
+                results[name][batch].append(n / (time.perf_counter() - t0))
+    table = {m: {b: statistics.median(v) for b, v in d.items()} for m, d in results.items()}
+    report = {
+        "machine": {"cpu": _cpu(), "threads": 2, "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+        "run": str(run),
+        "new_tokens": new_tokens,
+        "rounds": rounds,
+        "tokens_per_s": table,
+        "ratio_vs_pytorch": {m: {b: table[m][b] / table["pytorch"][b] for b in (1, 8)}
+                             for m in table},
+    }
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "generate.json").write_text(json.dumps(report, indent=2))
+    lines = ["| method | batch 1 tok/s | batch 8 tok/s | x PyTorch (1) | x PyTorch (8) |",
+             "|---|---|---|---|---|"]
+    for m in table:
+        r = report["ratio_vs_pytorch"][m]
+        lines.append(f"| {m} | {table[m][1]:.1f} | {table[m][8]:.1f} | {r[1]:.2f} | {r[8]:.2f} |")
+    (out / "generate.md").write_text(
+        f"Greedy decoding, {new_tokens} new tokens, median of {rounds} rounds, 2 threads, "
+        f"{report['machine']['cpu']}, {report['date']}.\n\n" + "\n".join(lines) + "\n"
+    )
+    print("\n".join(lines))
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
