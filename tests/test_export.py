@@ -1,0 +1,179 @@
+"""Export: fused ONNX bundles reproduce the PyTorch model for every tiny backbone
+family and head, int8 is guarded, generation bundles decode like PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from conftest import write_jsonl  # noqa: E402
+
+from ptedge.data import read_records  # noqa: E402
+from ptedge.export import PARITY_ATOL, ExportArgs, export  # noqa: E402
+from ptedge.runtime import Predictor  # noqa: E402
+from ptedge.train import Job, TrainArgs, predict_ids, train  # noqa: E402
+
+VERB = {"0": "terrible", "1": "great"}
+CASES = {
+    "gpt2-verbalizer": ("gpt2", "[P:2] {sentence} [P:2] It was [MASK]", "lm", VERB, "slot"),
+    "llama-open-vocab": ("llama", "[P:2] {sentence} [P] [MASK]", "lm", None, "slot"),
+    "bert-mlm-verbalizer": ("bert-mlm", "[P] {sentence} [P:2] it was [MASK] .", "lm", VERB, "slot"),
+    "bert-linear-slot": ("bert", "[P:2] {sentence} [P] [MASK]", "linear", None, "slot"),
+    "bert-linear-mean": ("bert", "[P:2] {sentence} [P] [MASK]", "linear", None, "mean"),
+}
+
+
+def _open_vocab_file(tmp_path):
+    recs = [
+        {"sentence": "the movie was", "label": "great"},
+        {"sentence": "a terrible boring", "label": "film"},
+    ] * 4
+    return write_jsonl(tmp_path / "open.jsonl", recs)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bundle_matches_pytorch(case, tiny, sentiment_file, tmp_path):
+    kind, template, head, verb, pool = CASES[case]
+    data = _open_vocab_file(tmp_path) if head == "lm" and verb is None else sentiment_file
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    train(
+        TrainArgs(
+            model=str(tiny(kind)),
+            train=str(data),
+            template=template,
+            head=head,
+            verbalizer=verb,
+            pool=pool,
+            steps=6,
+            batch_size=4,
+            out=str(run),
+        ),
+        progress=False,
+    )
+    manifest = export(ExportArgs(runs=[str(run)], out=str(bundle)))
+    assert manifest["parity"]["run"]["max_abs_diff"] <= PARITY_ATOL
+    assert manifest["parity"]["run"]["labels_equal"] == 1.0
+
+    from ptedge.model import load_run
+
+    records = read_records(data)
+    torch_ids = predict_ids(Job(*load_run(run)[:4]), list(records))
+    scores, _ = Predictor(bundle).scores(list(records), batch_size=3)
+    assert scores.argmax(-1).tolist() == torch_ids
+    on_disk = json.loads((bundle / "ptedge.json").read_text())
+    assert set(on_disk["files"]) == {"model.onnx", "tokenizer.json"}
+
+
+def test_int8_guard_refuses_then_force_writes(tiny, sentiment_file, tmp_path):
+    run = tmp_path / "run"
+    train(
+        TrainArgs(
+            model=str(tiny("bert")),
+            train=str(sentiment_file),
+            head="linear",
+            template="[P:2] {sentence} [MASK]",
+            steps=4,
+            batch_size=4,
+            out=str(run),
+        ),
+        progress=False,
+    )
+    out = tmp_path / "int8"
+    # a max drop below any possible loss forces a refusal
+    with pytest.raises(ValueError, match="int8 loses"):
+        export(ExportArgs(runs=[str(run)], out=str(out), quantize="int8", max_drop=-100))
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".int8")]
+    m = export(
+        ExportArgs(runs=[str(run)], out=str(out), quantize="int8", max_drop=-100, force=True)
+    )
+    assert m["model"] == "model.int8.onnx"
+    guard = m["quantization"]["guard"]["run"]
+    assert {"fp32_accuracy", "int8_accuracy", "n"} <= guard.keys()
+    assert "/heads" in " ".join(m["quantization"]["excluded_nodes"])
+
+
+def test_int8_embedding_is_per_row(tiny, sentiment_file, tmp_path):
+    import onnx
+
+    run, out = tmp_path / "run", tmp_path / "int8"
+    train(
+        TrainArgs(
+            model=str(tiny("bert")),
+            train=str(sentiment_file),
+            head="linear",
+            template="[P:2] {sentence} [MASK]",
+            steps=4,
+            batch_size=4,
+            out=str(run),
+        ),
+        progress=False,
+    )
+    export(ExportArgs(runs=[str(run)], out=str(out), quantize="int8", max_drop=100))
+    model = onnx.load(str(out / "model.int8.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    table = [n for n in inits if n.endswith(".int8")]
+    assert len(table) == 1
+    rows = inits[table[0]].dims[0]
+    scale = inits[table[0].replace(".int8", ".scale")]
+    assert list(scale.dims) == [rows, 1]  # one scale per row, prompt rows included
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_generation_bundle_decodes_like_pytorch(kind, tiny, tmp_path):
+    recs = [
+        {"sub_label": "france", "obj_label": "paris"},
+        {"sub_label": "italy", "obj_label": "rome"},
+    ] * 3
+    data = write_jsonl(tmp_path / "gen.jsonl", recs)
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    train(
+        TrainArgs(
+            model=str(tiny(kind)),
+            train=str(data),
+            label_field="obj_label",
+            template="[P:2] {sub_label} [P] [MASK]",
+            head="generate",
+            steps=6,
+            batch_size=3,
+            out=str(run),
+        ),
+        progress=False,
+    )
+    m = export(ExportArgs(runs=[str(run)], out=str(bundle)))
+    assert m["parity"]["run"]["greedy_tokens_equal"] == 1.0
+    assert m["tasks"]["run"]["kind"] == "generate"
+
+    from ptedge.model import load_run
+
+    job = Job(*load_run(run)[:4])
+    p = Predictor(bundle)
+    got = p.generate(recs, max_new_tokens=6)
+    ref = job.generate(recs, 6)
+    assert [g["text"] for g in got] == [r.strip() for r in ref]
+    sampled = p.generate(recs, max_new_tokens=4, temperature=1.0, top_k=5, top_p=0.9, seed=3)
+    again = p.generate(recs, max_new_tokens=4, temperature=1.0, top_k=5, top_p=0.9, seed=3)
+    assert sampled == again  # seeded sampling is reproducible
+    assert p.evaluate(list(read_records(data))) == {**job_eval(job, data), "skipped": 0}
+    assert p.predict(recs[:1])[0].keys() >= {"text", "tokens"}
+
+
+def job_eval(job, data):
+    from ptedge.train import evaluate
+
+    return evaluate(job, read_records(data))
+
+
+def test_choose_top_p_keeps_the_nucleus():
+    from ptedge.decoding import choose
+
+    logits = np.log(np.array([[0.6, 0.3, 0.1]]))
+    rng = np.random.default_rng(0)
+    picks = {int(choose(logits, rng, temperature=1.0, top_p=0.5)[0]) for _ in range(50)}
+    assert picks == {0}
+    picks = {int(choose(logits, rng, temperature=1.0, top_k=2)[0]) for _ in range(200)}
+    assert picks == {0, 1}
