@@ -291,7 +291,7 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
     import onnxruntime as ort
 
     from ptedge.export_decoder import check_generation_parity, export_decoder
-    from ptedge.quantize import guard_int8, quantize_int8
+    from ptedge.quantize import quantize_guarded
 
     fp32 = tmp / FP32_MODEL
     if graph is None:
@@ -316,8 +316,7 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
     if args.quantize == "int8":
         int8 = tmp / INT8_MODEL
         _log("quantizing to int8 (per-channel MatMul weights, per-row embedding) ...")
-        quant = quantize_int8(fp32, int8)
-        quant["guard"] = guard_int8(fp32, int8, runs, args)
+        quant = quantize_guarded(fp32, int8, runs, args)
         fp32.unlink()
         model_file = INT8_MODEL
     ort_entry = None
