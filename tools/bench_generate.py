@@ -29,8 +29,9 @@ def _bundle(run: Path, out: Path, quantize: str | None) -> Path:
     from ptedge.export import ExportArgs, export
 
     if not (out / "ptedge.json").is_file():
-        export(ExportArgs(runs=[str(run)], out=str(out), quantize=quantize, max_drop=100.0,
-                          force=True))
+        export(
+            ExportArgs(runs=[str(run)], out=str(out), quantize=quantize, max_drop=100.0, force=True)
+        )
     return out
 
 
@@ -50,8 +51,12 @@ def _torch_decoder(run: Path):
         mask = torch.from_numpy(enc.attention_mask)
         embeds = model.embed(ids)  # (B, T, H) with the prompt rows spliced in
         out = model.backbone.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
-            do_sample=False, eos_token_id=cfg.eos_id, pad_token_id=compiled["pad_id"],
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=cfg.eos_id,
+            pad_token_id=compiled["pad_id"],
             min_new_tokens=max_new_tokens,
         )
         return out.shape[0] * max_new_tokens
@@ -71,8 +76,14 @@ def _onnx_decoder(bundle: Path):
         name, spec = p.task(None)
         enc = encode(spec["template"], p.tokenizer, records, padding_side="left")
         # eos_id=-1: decode exactly max_new_tokens, as the PyTorch side does
-        out = decode(p.session, enc.input_ids, enc.attention_mask, -1,
-                     spec["template"]["pad_id"], max_new_tokens)
+        out = decode(
+            p.session,
+            enc.input_ids,
+            enc.attention_mask,
+            -1,
+            spec["template"]["pad_id"],
+            max_new_tokens,
+        )
         return sum(len(t) for t in out)
 
     return generate
@@ -103,7 +114,7 @@ def main() -> None:
         "onnx_int8": _onnx_decoder(_bundle(run, work / "int8", "int8")),
     }
     results: dict[str, dict[int, list[float]]] = {m: {1: [], 8: []} for m in methods}
-    for name, fn in methods.items():  # warm-up
+    for fn in methods.values():  # warm-up
         fn(records[:1], 2)
     for r in range(rounds):
         for batch in (1, 8):
@@ -120,14 +131,17 @@ def main() -> None:
         "new_tokens": new_tokens,
         "rounds": rounds,
         "tokens_per_s": table,
-        "ratio_vs_pytorch": {m: {b: table[m][b] / table["pytorch"][b] for b in (1, 8)}
-                             for m in table},
+        "ratio_vs_pytorch": {
+            m: {b: table[m][b] / table["pytorch"][b] for b in (1, 8)} for m in table
+        },
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "generate.json").write_text(json.dumps(report, indent=2))
-    lines = ["| method | batch 1 tok/s | batch 8 tok/s | x PyTorch (1) | x PyTorch (8) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| method | batch 1 tok/s | batch 8 tok/s | x PyTorch (1) | x PyTorch (8) |",
+        "|---|---|---|---|---|",
+    ]
     for m in table:
         r = report["ratio_vs_pytorch"][m]
         lines.append(f"| {m} | {table[m][1]:.1f} | {table[m][8]:.1f} | {r[1]:.2f} | {r[8]:.2f} |")

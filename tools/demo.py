@@ -49,10 +49,34 @@ def main() -> None:
     t0 = time.time()
     model = ptedge("backbone", "fetch", "smollm2-135m")
     common = ["--model", model, "--train", train, "--label-field", "obj_label", "--head", "lm"]
-    ptedge("train", *common, "--template", MANUAL, "--steps", "0",
-           "--out", f"{work}/{rel}-manual", "--force")
-    ptedge("train", *common, "--dev", dev, "--template", PTUNED, "--steps", str(a.steps),
-           "--batch-size", str(a.batch_size), "--seed", "0", "--out", f"{work}/{rel}", "--force")
+    ptedge(
+        "train",
+        *common,
+        "--template",
+        MANUAL,
+        "--steps",
+        "0",
+        "--out",
+        f"{work}/{rel}-manual",
+        "--force",
+    )
+    ptedge(
+        "train",
+        *common,
+        "--dev",
+        dev,
+        "--template",
+        PTUNED,
+        "--steps",
+        str(a.steps),
+        "--batch-size",
+        str(a.batch_size),
+        "--seed",
+        "0",
+        "--out",
+        f"{work}/{rel}",
+        "--force",
+    )
     manual = json.loads(ptedge("eval", f"{work}/{rel}-manual", "--data", test))
     tuned = json.loads(ptedge("eval", f"{work}/{rel}", "--data", test))
     bundle = f"{work}/bundle-int8"
@@ -69,8 +93,10 @@ def main() -> None:
     ms = 1000 * (time.perf_counter() - t1) / len(questions)
     size = sum(f.stat().st_size for f in (ROOT / bundle).iterdir()) / 1e6
 
-    print(f"\nptedge demo: SmolLM2-135M, LAMA {rel}, test facts n={tuned['n']} "
-          f"(skipped {tuned['skipped']} multi-token objects)")
+    print(
+        f"\nptedge demo: SmolLM2-135M, LAMA {rel}, test facts n={tuned['n']} "
+        f"(skipped {tuned['skipped']} multi-token objects)"
+    )
     print(f"{'method':<34}{'P@1':>8}")
     print(f"{'manual prompt (LAMA template)':<34}{manual['accuracy']:>8.3f}")
     print(f"{'P-tuning, PyTorch':<34}{tuned['accuracy']:>8.3f}")

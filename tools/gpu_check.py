@@ -28,15 +28,18 @@ def main() -> None:
     cpu = Predictor(bundle, threads=4)
     runs = {"cpu": cpu}
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        runs["cuda"] = Predictor(bundle, providers=["CUDAExecutionProvider",
-                                                     "CPUExecutionProvider"])
+        runs["cuda"] = Predictor(
+            bundle, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+        )
         print("cuda session providers:", runs["cuda"].session.get_providers())
     ref, _ = cpu.scores(records, batch_size=1)
     for name, p in runs.items():
         s, _ = p.scores(records, batch_size=1)
         same = float((s.argmax(-1) == ref.argmax(-1)).mean())
-        print(f"{name}: labels equal to cpu {same:.4f}, max |score diff| "
-              f"{float(np.abs(s - ref).max()):.2e} on {len(records)} records")
+        print(
+            f"{name}: labels equal to cpu {same:.4f}, max |score diff| "
+            f"{float(np.abs(s - ref).max()):.2e} on {len(records)} records"
+        )
         for batch in (1, 32):
             recs = records[:batch]
             p.predict(recs, batch_size=batch)

@@ -1,0 +1,98 @@
+"""Smoke tests of the benchmarks: tools/bench_speed.py and tools/bench_quality.py, --quick.
+
+Each runs the script as a user does (a fresh process, the real backbones, the shared
+data) into a temporary ``--out`` and ``--work``, and checks that the JSON, the markdown
+table and the PNG chart exist and hold the expected keys. Slow (minutes): quick mode still
+trains, exports (fp32 and int8) and scores on both real backbones. The numbers themselves
+are not checked: quick sizes measure nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, shared_data
+
+pytestmark = [pytest.mark.slow, pytest.mark.bench]
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SYSTEMS = ("peft", "ptedge_fp32", "ptedge_int8")
+
+
+def _bench(script: str, tmp_path: Path, *extra: str) -> Path:
+    for mod in ("torch", "transformers", "peft", "optimum", "matplotlib", "onnxruntime"):
+        pytest.importorskip(mod)
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "tools" / script), "--quick", "--out", str(out)]
+    cmd += ["--work", str(work), *extra]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stderr[-6000:]}"
+    return out
+
+
+def _outputs(out: Path, stem: str) -> tuple[dict, str]:
+    data = json.loads((out / f"{stem}.json").read_text())
+    md = (out / f"{stem}.md").read_text()
+    png = (out / f"{stem}.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+    m = data["machine"]
+    for key in ("date", "cpu", "cores", "versions", "git"):
+        assert key in m, key
+    assert m["versions"]["ptedge"] and m["versions"]["onnxruntime"]
+    assert m["cpu"] in md and data["quick"] is True
+    assert data["wall_s"] > 0 and data["timings"]
+    return data, md
+
+
+def test_bench_speed_quick(tmp_path):
+    shared_data("banking77", "test.csv")
+    shared_data("sst2", "test.tsv")
+    data, md = _outputs(_bench("bench_speed.py", tmp_path), "speed")
+    assert set(data["models"]) == {"minilm", "smollm2"}
+    for name, r in data["models"].items():
+        for s in SYSTEMS:
+            got = r["systems"][s]
+            assert got["latency_b1_ms"]["p50"] > 0 and got["latency_b1_ms"]["p90"] > 0
+            for key in ("throughput_b32", "cold_start_s", "cold_peak_rss_mb", "size_mb"):
+                assert got[key] > 0, (name, s, key)
+        ratios = r["ratios_peft_over_int8"]
+        for key in ("latency_p50", "cold_start", "peak_rss", "size", "throughput_b32"):
+            assert ratios[key] > 0, (name, key)
+        assert r["training"]["ptedge_fp32"]["samples_per_s"] > 0
+        assert r["training"]["peft"]["samples_per_s"] > 0
+        assert set(r["runtime_overhead"]) == {"ptedge_fp32", "ptedge_int8"}
+        assert 0 < r["int8"]["size_fraction_of_fp32"] < 1
+    assert set(data["models"]["minilm"]["prompt_overhead"]) == {"fp32", "int8"}  # quick: MiniLM
+    full = data["models"]["smollm2"]["full_logits"]
+    assert full["output_bytes_b32"]["full_logits"] > full["output_bytes_b32"]["task_graph"]
+    assert "PEFT ÷ ptedge int8" in md and "## Goals" in md
+
+
+def test_bench_quality_quick(tmp_path):
+    shared_data("trex", "relations.jsonl")
+    shared_data("sst2", "test.tsv")
+    shared_data("banking77", "test.csv")
+    data, md = _outputs(_bench("bench_quality.py", tmp_path), "quality")
+    lama = data["lama"]
+    assert len(lama["relations"]) == 2
+    methods = ("manual", "ptedge_fp32", "ptedge_int8", "peft")
+    for rel in lama["relations"]:
+        row = lama["per_relation"][rel]
+        for m in methods:
+            assert 0 <= row[m]["accuracy"] <= 1 and row[m]["n"] > 0, (rel, m)
+    assert set(lama["macro_p_at_1"]) == set(methods)
+    assert set(lama["bundle"]["fp32"]["tasks"]) == set(lama["relations"])  # one bundle
+    sst = data["sst2"]
+    for m in ("manual_fp32", "manual_int8", "ptedge_fp32", "ptedge_int8", "peft"):
+        assert 0 <= sst[m]["accuracy"] <= 1, m
+    b77 = data["banking77"]
+    assert b77["chosen_pool"] in ("slot", "mean")
+    assert set(b77["dev_accuracy_by_pool"]) == {"slot", "mean"}
+    for m in ("ptedge_fp32", "ptedge_int8", "peft", "linear_probe"):
+        assert 0 <= b77[m]["accuracy"] <= 1, m
+    for heading in ("## LAMA", "## SST-2", "## BANKING77", "**macro**"):
+        assert heading in md
