@@ -26,11 +26,20 @@ def test_training_on_cuda_half_backbone(tiny, sentiment_file, tmp_path, dtype):
     from ptedge.model import load_run
     from ptedge.train import TrainArgs, train
 
-    cfg = train(TrainArgs(model=str(tiny("llama")), train=str(sentiment_file),
-                          template="[P:2] {sentence} [P:2] It was [MASK]",
-                          verbalizer={"0": "terrible", "1": "great"}, steps=10, batch_size=4,
-                          device="cuda", dtype=dtype, out=str(tmp_path / dtype)),
-                progress=False)
+    cfg = train(
+        TrainArgs(
+            model=str(tiny("llama")),
+            train=str(sentiment_file),
+            template="[P:2] {sentence} [P:2] It was [MASK]",
+            verbalizer={"0": "terrible", "1": "great"},
+            steps=10,
+            batch_size=4,
+            device="cuda",
+            dtype=dtype,
+            out=str(tmp_path / dtype),
+        ),
+        progress=False,
+    )
     assert cfg.steps == 10
     _, model, *_ = load_run(tmp_path / dtype)  # weights saved in fp32, loadable on CPU
     assert next(model.encoder.parameters()).dtype == torch.float32
@@ -38,8 +47,10 @@ def test_training_on_cuda_half_backbone(tiny, sentiment_file, tmp_path, dtype):
 
 
 @needs_cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or not _cuda_ep(),
-                    reason="onnxruntime has no CUDAExecutionProvider (install ptedge[gpu])")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not _cuda_ep(),
+    reason="onnxruntime has no CUDAExecutionProvider (install ptedge[gpu])",
+)
 def test_bundle_on_cuda_provider_matches_cpu(tiny, sentiment_file, tmp_path):
     from ptedge.data import read_records
     from ptedge.export import ExportArgs, export
@@ -47,9 +58,19 @@ def test_bundle_on_cuda_provider_matches_cpu(tiny, sentiment_file, tmp_path):
     from ptedge.train import TrainArgs, train
 
     run, bundle = tmp_path / "run", tmp_path / "bundle"
-    train(TrainArgs(model=str(tiny("bert")), train=str(sentiment_file), head="linear",
-                    template="[P:2] {sentence} [P] [MASK]", steps=10, batch_size=4,
-                    device="cpu", out=str(run)), progress=False)
+    train(
+        TrainArgs(
+            model=str(tiny("bert")),
+            train=str(sentiment_file),
+            head="linear",
+            template="[P:2] {sentence} [P] [MASK]",
+            steps=10,
+            batch_size=4,
+            device="cpu",
+            out=str(run),
+        ),
+        progress=False,
+    )
     export(ExportArgs(runs=[str(run)], out=str(bundle)))
     records = list(read_records(sentiment_file))
     cpu = Predictor(bundle)
