@@ -218,7 +218,7 @@ def _is_bundle(path: str) -> bool:
 @click.option(
     "--quantize",
     type=click.Choice(["int8"]),
-    help="int8: per-channel MatMul weights, per-row embedding; accuracy-guarded.",
+    help="int8, accuracy-guarded: dynamic per-channel int8, else weight-only int8 blocks.",
 )
 @click.option(
     "--eval",

@@ -319,7 +319,7 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
     quant = None
     if args.quantize == "int8":
         int8 = tmp / INT8_MODEL
-        _log("quantizing to int8 (per-channel MatMul weights, per-row embedding) ...")
+        _log("quantizing to int8 (recipes tried in order until the guard passes) ...")
         quant = quantize_guarded(fp32, int8, runs, args)
         fp32.unlink()
         model_file = INT8_MODEL

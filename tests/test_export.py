@@ -177,3 +177,52 @@ def test_choose_top_p_keeps_the_nucleus():
     assert picks == {0}
     picks = {int(choose(logits, rng, temperature=1.0, top_k=2)[0]) for _ in range(200)}
     assert picks == {0, 1}
+
+
+def test_weight_only_recipe_keeps_heads_float_and_scores_close(tiny, sentiment_file, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from ptedge.quantize import quantize_int8
+
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    train(
+        TrainArgs(
+            model=str(tiny("bert")),
+            train=str(sentiment_file),
+            head="linear",
+            template="[P:2] {sentence} [MASK]",
+            steps=4,
+            batch_size=4,
+            out=str(run),
+        ),
+        progress=False,
+    )
+    export(ExportArgs(runs=[str(run)], out=str(bundle)))
+    out = tmp_path / "w8.onnx"
+    info = quantize_int8(bundle / "model.onnx", out, "weight-only")
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "MatMulNBits" in ops and info["embedding"] is None
+    assert all(n.startswith("/heads") for n in info["excluded_nodes"])
+    feeds = Predictor(bundle)
+    recs = list(read_records(sentiment_file))
+    ref, _ = feeds.scores(recs)
+    s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    from ptedge.template import encode
+
+    spec = feeds.tasks["run"]
+    enc = encode(spec["template"], feeds.tokenizer, recs)
+    names = {i.name for i in s.get_inputs()}
+    got = s.run(
+        [spec["output"]],
+        {
+            k: v
+            for k, v in {
+                "input_ids": enc.input_ids,
+                "attention_mask": enc.attention_mask,
+                "slot": enc.slot,
+            }.items()
+            if k in names
+        },
+    )[0]
+    assert np.abs(got - ref).max() < 0.05

@@ -177,6 +177,16 @@ def busy_note(m: dict) -> str | None:
     )
 
 
+def reuse_note(reused: list[str]) -> str | None:
+    if not reused:
+        return None
+    return (
+        f"Note: {len(reused)} artifact(s) (runs, bundles, adapters) were reused from an earlier "
+        "run in the work folder, so their build time is not in the wall time (`--fresh` "
+        "rebuilds everything)."
+    )
+
+
 def machine_line(m: dict) -> str:
     v = m["versions"]
     return (
@@ -202,6 +212,7 @@ class Cache:
         self.work.mkdir(parents=True, exist_ok=True)
         self.index_path = self.work / "artifacts.json"
         self.index = {} if fresh or not self.index_path.is_file() else self._read()
+        self.reused: list[str] = []  # artifacts taken from an earlier run (their time is not in)
 
     def _read(self) -> dict:
         try:
@@ -214,6 +225,7 @@ class Cache:
         params = json.loads(json.dumps(params, default=str))
         if (Path(path) / marker).is_file() and self.index.get(key) == params:
             log(f"reusing {path}")
+            self.reused.append(str(path))
             return Path(path)
         log(f"building {path}")
         self.index.pop(key, None)

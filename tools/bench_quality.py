@@ -172,16 +172,21 @@ class Bench:
 
     @staticmethod
     def run_stats(run: Path) -> dict:
-        """Dev metrics of the kept prompt and mean training throughput from the run folder."""
+        """Dev metrics of the kept prompt, and seconds per step from the run's metrics.jsonl:
+        the median over its logging windows, since a window that follows a dev evaluation
+        also holds that evaluation's time (ptedge.train resets its clock before evaluating)."""
         cfg = json.loads((run / "ptedge.json").read_text())
         rows = []
         if (run / "metrics.jsonl").is_file():
             rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
-        rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
+        per_step = sorted(
+            cfg["batch_size"] / r["samples_per_s"] for r in rows if "samples_per_s" in r
+        )
+        s_step = per_step[len(per_step) // 2] if per_step else None
         return {
             "best": cfg.get("best") or {},
-            "samples_per_s": sum(rates) / len(rates) if rates else None,
-            "s_per_step": cfg["batch_size"] * len(rates) / sum(rates) if rates else None,
+            "s_per_step": s_step,
+            "samples_per_s": cfg["batch_size"] / s_step if s_step else None,
         }
 
     # -- PEFT ---------------------------------------------------------------------------------
@@ -284,7 +289,7 @@ class Bench:
             "best": res["best"],
             "dev_history": res["dev_history"],
             "train_s": train_s,
-            "s_per_step": sum(res["step_s"]) / len(res["step_s"]),
+            "s_per_step": sorted(res["step_s"])[len(res["step_s"]) // 2],  # median
         }
 
     # -- LAMA ---------------------------------------------------------------------------------
@@ -703,9 +708,9 @@ def markdown(result: dict) -> str:
         "only scored, never used for choices.",
         "",
     ]
-    note = bc.busy_note(result["machine"])
-    if note:
-        lines += [note, ""]
+    for note in (bc.busy_note(result["machine"]), bc.reuse_note(result.get("reused", []))):
+        if note:
+            lines += [note, ""]
     lama = result.get("lama")
     if lama:
         b = lama["budget"]
@@ -942,6 +947,7 @@ def main(argv: list[str] | None = None) -> None:
         times[f"{t} (total)"] = round(time.perf_counter() - t0, 1)
     result["wall_s"] = time.perf_counter() - t_start
     result["machine"]["load_avg_at_end"] = list(os.getloadavg())
+    result["reused"] = bench.cache.reused
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     bc.write_json(out / "quality.json", result)

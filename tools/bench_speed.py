@@ -885,9 +885,9 @@ def markdown(result: dict) -> str:
         f"command: `{result['command']}`.",
         "",
     ]
-    note = bc.busy_note(result["machine"])
-    if note:
-        lines += [note, ""]
+    for note in (bc.busy_note(result["machine"]), bc.reuse_note(result.get("reused", []))):
+        if note:
+            lines += [note, ""]
     for r in result["models"].values():
         s = r["systems"]
         lines += [
@@ -1113,6 +1113,7 @@ def main(argv: list[str] | None = None) -> None:
         result["models"][n] = bench_model(all_specs[n], cache, cfg, result["timings"])
     result["wall_s"] = time.perf_counter() - t_start
     result["machine"]["load_avg_at_end"] = list(os.getloadavg())
+    result["reused"] = cache.reused
     out.mkdir(parents=True, exist_ok=True)
     bc.write_json(out / "speed.json", result)
     (out / "speed.md").write_text(markdown(result))
