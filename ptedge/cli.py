@@ -65,17 +65,24 @@ def backbone_fetch(name: str) -> None:
     click.echo(str(fetch(name)))
 
 
-def _verbalizer(value: str | None) -> dict[str, str] | None:
-    if value is None:
-        return None
-    inline = value.lstrip().startswith("{")
+def _json_option(value: str, option: str, kind: type, example: str):
+    """A non-empty JSON object/list given inline or as a file path (one-line errors)."""
+    inline = value.lstrip().startswith(("{", "["))
     text = value if inline else Path(value).read_text() if Path(value).is_file() else value
+    what = "object" if kind is dict else "list"
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"--verbalizer: not a JSON object or a JSON file ({e.msg})") from None
-    if not isinstance(data, dict) or not data:
-        raise ValueError('--verbalizer: expected a JSON object such as {"0": "bad", "1": "good"}')
+        raise ValueError(f"{option}: not a JSON {what} or a JSON file ({e.msg})") from None
+    if not isinstance(data, kind) or not data:
+        raise ValueError(f"{option}: expected a JSON {what} such as {example}")
+    return data
+
+
+def _verbalizer(value: str | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    data = _json_option(value, "--verbalizer", dict, '{"0": "bad", "1": "good"}')
     return {str(k): str(v) for k, v in data.items()}
 
 
@@ -382,15 +389,7 @@ def import_peft_cmd(adapter_dir, model, out, field, label_field, labels, data, m
     from ptedge.backbones import resolve_model_path
     from ptedge.peft_import import import_peft
 
-    names = None
-    if labels is not None:
-        text = Path(labels).read_text() if Path(labels).is_file() else labels
-        try:
-            names = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--labels: not a JSON list or a JSON file ({e.msg})") from None
-        if not isinstance(names, list) or not names:
-            raise ValueError('--labels: expected a JSON list such as ["neg", "pos"]')
+    names = None if labels is None else _json_option(labels, "--labels", list, '["neg", "pos"]')
     cfg = import_peft(
         adapter_dir,
         resolve_model_path(model),
