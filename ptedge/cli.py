@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -180,6 +181,8 @@ def train_cmd(**kw) -> None:
     kw["model"] = str(resolve_model_path(kw["model"]))
     args = TrainArgs(train=kw.pop("train_file"), dev=kw.pop("dev_file"), **kw)
     cfg = train(args)
+    if os.environ.get("RANK", "0") != "0":  # other data-parallel ranks stay quiet
+        return
     click.echo(json.dumps({"out": args.out, "steps": cfg.steps, **cfg.best}))
 
 
