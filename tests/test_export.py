@@ -68,12 +68,12 @@ def test_bundle_matches_pytorch(case, tiny, sentiment_file, tmp_path):
     assert set(on_disk["files"]) == {"model.onnx", "tokenizer.json"}
 
 
-def test_int8_guard_refuses_then_force_writes(tiny, sentiment_file, tmp_path):
-    run = tmp_path / "run"
+def _tiny_linear_run(tiny, data, run) -> None:
+    """A few steps of a linear-head run on the tiny BERT: enough to export."""
     train(
         TrainArgs(
             model=str(tiny("bert")),
-            train=str(sentiment_file),
+            train=str(data),
             head="linear",
             template="[P:2] {sentence} [MASK]",
             steps=4,
@@ -82,6 +82,11 @@ def test_int8_guard_refuses_then_force_writes(tiny, sentiment_file, tmp_path):
         ),
         progress=False,
     )
+
+
+def test_int8_guard_refuses_then_force_writes(tiny, sentiment_file, tmp_path):
+    run = tmp_path / "run"
+    _tiny_linear_run(tiny, sentiment_file, run)
     out = tmp_path / "int8"
     # a max drop below any possible loss forces a refusal
     with pytest.raises(ValueError, match="int8 loses"):
@@ -101,18 +106,7 @@ def test_int8_embedding_is_per_row(tiny, sentiment_file, tmp_path):
     import onnx
 
     run, out = tmp_path / "run", tmp_path / "int8"
-    train(
-        TrainArgs(
-            model=str(tiny("bert")),
-            train=str(sentiment_file),
-            head="linear",
-            template="[P:2] {sentence} [MASK]",
-            steps=4,
-            batch_size=4,
-            out=str(run),
-        ),
-        progress=False,
-    )
+    _tiny_linear_run(tiny, sentiment_file, run)
     export(ExportArgs(runs=[str(run)], out=str(out), quantize="int8", max_drop=100))
     model = onnx.load(str(out / "model.int8.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
@@ -186,18 +180,7 @@ def test_weight_only_recipe_keeps_heads_float_and_scores_close(tiny, sentiment_f
     from ptedge.quantize import quantize_int8
 
     run, bundle = tmp_path / "run", tmp_path / "bundle"
-    train(
-        TrainArgs(
-            model=str(tiny("bert")),
-            train=str(sentiment_file),
-            head="linear",
-            template="[P:2] {sentence} [MASK]",
-            steps=4,
-            batch_size=4,
-            out=str(run),
-        ),
-        progress=False,
-    )
+    _tiny_linear_run(tiny, sentiment_file, run)
     export(ExportArgs(runs=[str(run)], out=str(bundle)))
     out = tmp_path / "w8.onnx"
     info = quantize_int8(bundle / "model.onnx", out, "weight-only")
