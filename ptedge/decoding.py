@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def _empty_past(session, batch: int) -> dict[str, np.ndarray]:
+def empty_past(session, batch: int) -> dict[str, np.ndarray]:
     """Zero-length past key/values for every ``past_key_values.*`` input."""
     feeds = {}
     for i in session.get_inputs():
@@ -74,7 +74,7 @@ def decode(
     feeds = {
         "input_ids": input_ids.astype(np.int64),
         "attention_mask": mask,
-        **_empty_past(session, batch),
+        **empty_past(session, batch),
     }
     out: list[list[int]] = [[] for _ in range(batch)]
     done = np.zeros(batch, dtype=bool)

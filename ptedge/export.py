@@ -7,7 +7,8 @@ training-time models, export with ``torch.onnx.export`` (the TorchScript exporte
 task-based exporters do not describe, and the TorchScript path gave dynamic batch and
 length on both BERT and Llama), check onnxruntime against PyTorch on real records
 (``ParityError`` above ``PARITY_ATOL``), optionally quantize to int8 under an accuracy
-guard (``ptedge.quantize``), and write the bundle atomically (temporary folder, rename).
+guard (``ptedge.quantize``) or convert to fp16 for GPUs (``ptedge.half``, checked
+again), and write the bundle atomically (temporary folder, rename).
 
 Not responsible for: training, the runtime (``ptedge.runtime``), quantization details.
 """
@@ -20,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ PARITY_RECORDS = 32  # real records compared at export
 OPSET = 17
 FP32_MODEL = "model.onnx"
 INT8_MODEL = "model.int8.onnx"
+FP16_MODEL = "model.fp16.onnx"
 
 
 class ParityError(RuntimeError):
@@ -56,6 +59,7 @@ class ExportArgs:
     max_drop: float = 1.0  # accuracy points int8 may lose
     force: bool = False
     format: str = "onnx"  # onnx | ort (also model.ort + operator config, for mobile)
+    dtype: str = "fp32"  # fp32 | fp16 (for GPUs; exclusive with quantize)
 
 
 @dataclass
@@ -203,23 +207,30 @@ def onnx_scores(session, run: LoadedRun, records: list[dict]) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def check_parity(session, runs: list[LoadedRun], samples: list[list[dict]]) -> dict:
-    """Per task: largest |onnxruntime - PyTorch| score and label agreement; raises above tol."""
+def check_parity(
+    session,
+    runs: list[LoadedRun],
+    samples: list[list[dict]],
+    tolerance: Callable[[np.ndarray], float] = lambda ref: PARITY_ATOL,
+) -> dict:
+    """Per task: largest |onnxruntime - PyTorch| score and label agreement; raises above
+    ``tolerance(reference scores)`` (fp32: ``PARITY_ATOL``; fp16: ``ptedge.half``)."""
     report = {}
     for run, recs in zip(runs, samples, strict=True):
         ref = _unfused_scores(run, recs)
         got = onnx_scores(session, run, recs)
         diff = float(np.abs(ref - got).max())
+        tol = tolerance(ref)
         agree = float((ref.argmax(-1) == got.argmax(-1)).mean())
         report[run.name] = {"max_abs_diff": diff, "labels_equal": agree, "n": len(recs)}
         _log(
-            f"parity {run.name}: output {output_name(run.name)} max |diff| {diff:.2e}, "
-            f"labels equal {agree:.3f} on {len(recs)} records"
+            f"parity {run.name}: output {output_name(run.name)} max |diff| {diff:.2e} "
+            f"(tolerance {tol:.1e}), labels equal {agree:.3f} on {len(recs)} records"
         )
-        if diff > PARITY_ATOL:
+        if diff > tol:
             raise ParityError(
                 f"task {run.name}: output {output_name(run.name)} differs from PyTorch by "
-                f"{diff:.3e} (tolerance {PARITY_ATOL})"
+                f"{diff:.3e} (tolerance {tol:.3e})"
             )
     return report
 
@@ -265,6 +276,10 @@ def export(args: ExportArgs) -> dict:
         raise ValueError(f"--format {args.format!r}: choose onnx or ort")
     if args.quantize not in (None, "int8"):
         raise ValueError(f"--quantize {args.quantize!r}: only int8 is supported")
+    if args.dtype not in ("fp32", "fp16"):
+        raise ValueError(f"--dtype {args.dtype!r}: choose fp32 or fp16")
+    if args.dtype == "fp16" and args.quantize:
+        raise ValueError("--dtype fp16 and --quantize int8 exclude each other; choose one")
     runs, _ = load_runs(args.runs)
     samples = [parity_records(r, args.eval_file) for r in runs]
     _log(
@@ -295,10 +310,12 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
     import onnxruntime as ort
 
     from ptedge.export_decoder import check_generation_parity, export_decoder
+    from ptedge.half import convert_to_fp16, fp16_tolerance
     from ptedge.quantize import quantize_guarded
 
     fp32 = tmp / FP32_MODEL
-    if graph is None:
+    generative = graph is None
+    if generative:
         _log("exporting the KV-cache decoder (optimum, text-generation-with-past) ...")
         export_decoder(runs[0].task.model, fp32)
         session = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
@@ -323,12 +340,24 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
         quant = quantize_guarded(fp32, int8, runs, args)
         fp32.unlink()
         model_file = INT8_MODEL
+    elif args.dtype == "fp16":
+        fp16 = tmp / FP16_MODEL
+        _log("converting to fp16 (onnxruntime float16 converter), checking it again ...")
+        convert_to_fp16(fp32, fp16)
+        fp32.unlink()
+        model_file = FP16_MODEL
+        session = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
+        if generative:
+            parity = {runs[0].name: check_generation_parity(session, runs[0], samples[0], True)}
+            _log(f"parity {runs[0].name} (fp16): {parity[runs[0].name]}")
+        else:
+            parity = check_parity(session, runs, samples, fp16_tolerance)
+        del session
     ort_entry = None
     if args.format == "ort":
         from ptedge.mobile import convert_to_ort
 
         _log("converting to ORT format (onnxruntime mobile) ...")
-        generative = runs[0].cfg.head == "generate"
         feeds = None if generative else _graph_inputs(runs[0], samples[0])
         ort_entry = convert_to_ort(tmp, model_file, feeds=feeds)
     cfg0 = runs[0].cfg
@@ -348,6 +377,7 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
         "io": {"inputs": inputs, "outputs": outputs},
         "tasks": {r.name: task_entry(r) for r in runs},
         "parity": parity,
+        "dtype": args.dtype,
         "quantization": quant,
         "ort": ort_entry,
     }

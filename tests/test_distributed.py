@@ -1,5 +1,6 @@
-"""Data-parallel training under torchrun: two CPU processes (gloo) train the same
-model as one process at the same global batch, and only rank 0 writes the run."""
+"""Data-parallel training under torchrun and accelerate launch: two CPU processes
+(gloo) train the same model as one process at the same global batch, and only rank 0
+writes the run."""
 
 from __future__ import annotations
 
@@ -40,27 +41,41 @@ def _train_cmd(model: Path, data: Path, out: Path) -> list[str]:
     ]
 
 
-@pytest.mark.skipif(
-    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-    reason="torchrun not installed",
-)
-def test_torchrun_two_processes_match_one(tiny, sentiment_file, tmp_path):
+def _launcher(name: str, bindir: Path) -> list[str]:
+    """The documented command line prefix of each engine, two CPU processes."""
+    if name == "torchrun":
+        return [str(bindir / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python"]
+    # --multi_gpu selects accelerate's torch.distributed launcher; without CUDA, ptedge
+    # trains on CPU with gloo (accelerate's --cpu would start a single process)
+    return [
+        str(bindir / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--no_python",
+    ]
+
+
+@pytest.mark.parametrize("engine", ["torchrun", "accelerate"])
+def test_two_processes_match_one(engine, tiny, sentiment_file, tmp_path):
     from safetensors.torch import load_file
 
-    model = tiny("bert")
     bindir = Path(sys.executable).parent
+    if not (bindir / engine).exists() and shutil.which(engine) is None:
+        pytest.skip(f"{engine} not installed")
+    model = tiny("bert")
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(_train_cmd(model, sentiment_file, one), check=True, env=env, capture_output=True)
     res = subprocess.run(
-        [
-            str(bindir / "torchrun"),
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "--no-python",
-            *_train_cmd(model, sentiment_file, two),
-        ],
+        [*_launcher(engine, bindir), *_train_cmd(model, sentiment_file, two)],
         env=env,
         capture_output=True,
         text=True,

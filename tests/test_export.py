@@ -209,3 +209,58 @@ def test_weight_only_recipe_keeps_heads_float_and_scores_close(tiny, sentiment_f
         },
     )[0]
     assert np.abs(got - ref).max() < 0.05
+
+
+def test_fp16_bundle_has_half_weights_and_fp32_labels(tiny, sentiment_file, tmp_path):
+    import onnx
+
+    run = tmp_path / "run"
+    _tiny_linear_run(tiny, sentiment_file, run)
+    fp32 = export(ExportArgs(runs=[str(run)], out=str(tmp_path / "fp32")))
+    m = export(ExportArgs(runs=[str(run)], out=str(tmp_path / "fp16"), dtype="fp16"))
+    assert m["model"] == "model.fp16.onnx" and m["dtype"] == "fp16"
+    assert fp32["dtype"] == "fp32"
+    model = onnx.load(str(tmp_path / "fp16" / "model.fp16.onnx"))
+    types = {i.data_type for i in model.graph.initializer if len(i.dims) > 1}
+    assert types == {onnx.TensorProto.FLOAT16}  # every weight matrix is half precision
+    recs = list(read_records(sentiment_file))
+    a, _ = Predictor(tmp_path / "fp32").scores(recs)
+    b, _ = Predictor(tmp_path / "fp16").scores(recs)
+    assert b.dtype == np.float32  # outputs keep their fp32 type: clients are unchanged
+    assert (a.argmax(-1) == b.argmax(-1)).all()
+    assert np.abs(a - b).max() <= m["parity"]["run"]["max_abs_diff"] + 0.05
+
+
+def test_fp16_and_int8_exclude_each_other(tiny, sentiment_file, tmp_path):
+    run = tmp_path / "run"
+    _tiny_linear_run(tiny, sentiment_file, run)
+    with pytest.raises(ValueError, match="exclude each other"):
+        export(ExportArgs(runs=[str(run)], out=str(tmp_path / "b"), quantize="int8", dtype="fp16"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_fp16_generation_bundle_decodes(tiny, tmp_path):
+    recs = [
+        {"sub_label": "france", "obj_label": "paris"},
+        {"sub_label": "italy", "obj_label": "rome"},
+    ]
+    data = write_jsonl(tmp_path / "gen.jsonl", recs * 3)
+    run = tmp_path / "run"
+    train(
+        TrainArgs(
+            model=str(tiny("llama")),
+            train=str(data),
+            label_field="obj_label",
+            template="[P:2] {sub_label} [MASK]",
+            head="generate",
+            steps=4,
+            batch_size=3,
+            out=str(run),
+        ),
+        progress=False,
+    )
+    m = export(ExportArgs(runs=[str(run)], out=str(tmp_path / "b"), dtype="fp16"))
+    parity = m["parity"]["run"]
+    assert parity["next_token_max_abs_diff"] <= 1e-2 * 50  # within the fp16 tolerance
+    got = Predictor(tmp_path / "b").generate(recs, max_new_tokens=4)
+    assert len(got) == 2 and all(isinstance(g["text"], str) for g in got)
