@@ -51,9 +51,11 @@ def test_training_on_cuda_half_backbone(tiny, sentiment_file, tmp_path, dtype):
     not torch.cuda.is_available() or not _cuda_ep(),
     reason="onnxruntime has no CUDAExecutionProvider (install ptedge[gpu])",
 )
-def test_bundle_on_cuda_provider_matches_cpu(tiny, sentiment_file, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_bundle_on_cuda_provider_matches_cpu(tiny, sentiment_file, tmp_path, dtype):
     from ptedge.data import read_records
     from ptedge.export import ExportArgs, export
+    from ptedge.half import fp16_tolerance
     from ptedge.runtime import Predictor
     from ptedge.train import TrainArgs, train
 
@@ -71,14 +73,15 @@ def test_bundle_on_cuda_provider_matches_cpu(tiny, sentiment_file, tmp_path):
         ),
         progress=False,
     )
-    export(ExportArgs(runs=[str(run)], out=str(bundle)))
+    export(ExportArgs(runs=[str(run)], out=str(tmp_path / "fp32")))
+    export(ExportArgs(runs=[str(run)], out=str(bundle), dtype=dtype))
     records = list(read_records(sentiment_file))
-    cpu = Predictor(bundle)
+    cpu = Predictor(tmp_path / "fp32")
     gpu = Predictor(bundle, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert gpu.session.get_providers()[0] == "CUDAExecutionProvider"
     a, _ = cpu.scores(records)
     b, _ = gpu.scores(records)
-    assert np.abs(a - b).max() < 1e-3
+    assert np.abs(a - b).max() < (1e-3 if dtype == "fp32" else fp16_tolerance(a))
     assert [r["label"] for r in cpu.predict(records)] == [r["label"] for r in gpu.predict(records)]
     for batch in (1, 32):
         recs = (records * 32)[:batch]
@@ -86,4 +89,5 @@ def test_bundle_on_cuda_provider_matches_cpu(tiny, sentiment_file, tmp_path):
         t0 = time.perf_counter()
         for _ in range(20):
             gpu.predict(recs, batch_size=batch)
-        print(f"cuda provider batch {batch}: {(time.perf_counter() - t0) / 20 * 1e3:.2f} ms")
+        ms = (time.perf_counter() - t0) / 20 * 1e3
+        print(f"cuda provider {dtype} batch {batch}: {ms:.2f} ms")
