@@ -45,6 +45,9 @@ probe on mean-pooled frozen MiniLM embeddings (no prompt), its lr chosen on dev;
 
 Run folders, bundles and PEFT results are kept under ``--work`` and reused while their
 parameters hold, so an interrupted run resumes where it stopped (``--fresh`` rebuilds).
+A ``--tasks`` subset run keeps the other tasks' results already in ``--out``'s
+quality.json (same mode), so the tasks can also run one after another, or side by side
+with ``--threads 1`` and separate ``--work`` folders; the report names each part's command.
 
     python tools/bench_quality.py                    # full run (see docs/results/quality.md)
     python tools/bench_quality.py --quick            # CI smoke test sizes
@@ -692,6 +695,41 @@ def linear_probe(model_dir, train, dev, test, n_labels, steps, batch) -> dict:
 # -- reports ---------------------------------------------------------------------------------
 
 
+def merge_earlier(result: dict, path: Path, tasks: list[str]) -> None:
+    """Take the tasks this run did not do from an earlier quality.json of the same mode.
+
+    ``result["parts"]`` then lists every contributing run (command, tasks, wall time,
+    load average) so the report says where each table came from.
+    """
+    part = {
+        "command": result["command"],
+        "tasks": tasks,
+        "wall_s": result["wall_s"],
+        "timings": result["timings"],
+        "load_avg_at_end": result["machine"]["load_avg_at_end"],
+    }
+    result["parts"] = [part]
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    if old.get("quick") != result["quick"]:
+        return
+    kept = [t for t in TASKS if t not in tasks and t in old]
+    if not kept:
+        return
+    for t in kept:
+        result[t] = old[t]
+    earlier = old.get("parts") or [
+        {k: old.get(k) for k in ("command", "wall_s", "timings")}
+        | {"tasks": [t for t in TASKS if t in old], "load_avg_at_end": None}
+    ]
+    result["parts"] = [
+        p | {"tasks": [t for t in p["tasks"] if t in kept]}
+        for p in earlier
+        if any(t in kept for t in p["tasks"])
+    ] + [part]
+
+
 def _acc(x) -> float | None:
     return None if x is None else x.get("accuracy")
 
@@ -703,7 +741,11 @@ def markdown(result: dict) -> str:
         "",
         f"Machine: {bc.machine_line(result['machine'])}.",
         f"Mode: {'quick (smoke test sizes, not for comparison)' if result['quick'] else 'full'}; "
-        f"wall time {result['wall_s'] / 60:.1f} min; command: `{result['command']}`.",
+        + "; ".join(
+            f"{', '.join(p['tasks'])}: `{p['command']}`, wall time {p['wall_s'] / 60:.1f} min"
+            for p in result.get("parts") or [{**result, "tasks": [t for t in TASKS if t in result]}]
+        )
+        + ".",
         "Same budget for every trained method (steps × batch, seed 0, lr 3e-3); test sets "
         "only scored, never used for choices.",
         "",
@@ -797,8 +839,10 @@ def markdown(result: dict) -> str:
             f"({'met' if _acc(b77['ptedge_int8']) >= max(0.92, lp['accuracy']) else 'not met'}).",
             "",
         ]
-    parts = ", ".join(f"{k} {v}" for k, v in result["timings"].items())
-    lines += [f"Wall time per part (s): {parts}.", ""]
+    timings = {}
+    for p in result.get("parts") or [result]:
+        timings |= p["timings"]
+    lines += [f"Wall time per step (s): {', '.join(f'{k} {v}' for k, v in timings.items())}.", ""]
     return "\n".join(lines)
 
 
@@ -950,6 +994,7 @@ def main(argv: list[str] | None = None) -> None:
     result["reused"] = bench.cache.reused
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    merge_earlier(result, out / "quality.json", tasks)
     bc.write_json(out / "quality.json", result)
     (out / "quality.md").write_text(markdown(result))
     chart(result, out / "quality.png")

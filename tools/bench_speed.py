@@ -41,6 +41,8 @@ Measured:
 
 Everything it needs (ptedge runs and bundles, PEFT adapters, the full-logits graph) is
 built under ``--work`` when missing, and reused while its parameters hold.
+``--build-only`` builds them and stops (nothing is timed while building, so it may share
+the machine, e.g. ``--threads 1`` beside other work); the measuring run then reuses them.
 
     python tools/bench_speed.py            # full run (see docs/results/speed.md)
     python tools/bench_speed.py --quick    # minimal sizes, for CI smoke tests
@@ -1077,6 +1079,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--fresh", action="store_true", help="rebuild every artifact")
     ap.add_argument("--threads", type=int, default=2, help="threads per system (default 2)")
+    ap.add_argument(
+        "--build-only", action="store_true", help="build the runs, bundles and adapters, then stop"
+    )
     a = ap.parse_args(argv)
     global THREADS
     THREADS = a.threads
@@ -1095,6 +1100,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(a.work or bc.ROOT / "runs" / "bench" / ("speed-quick" if a.quick else "speed"))
     cache = bc.Cache(work, fresh=a.fresh)
+    if a.build_only:
+        for n in names:
+            build(all_specs[n], cache, cfg)
+        bc.log(f"built everything under {work} in {(time.perf_counter() - t_start) / 60:.1f} min")
+        return
     out = Path(a.out)
     result: dict = {
         "benchmark": "speed",
