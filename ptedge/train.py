@@ -376,8 +376,10 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
             }
             loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
         if dev_eval is not None and (step % eval_every == 0 or step == steps):
+            t_eval = time.perf_counter()
             dev = evaluate(job, dev_eval)
             model.train()
+            t0 += time.perf_counter() - t_eval  # samples_per_s counts training time only
             row = (row or {"step": step, "world_size": world}) | {
                 f"dev_{k}": v for k, v in dev.items()
             }
@@ -401,8 +403,9 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
                 "scheduler": sched.state_dict(),
                 "generator": gen.get_state(),
             }
+            t_save = time.perf_counter()
             checkpoint.save(out, state)
-    bar.close()
+            t0 += time.perf_counter() - t_save
     model.eval()
     return best
 
