@@ -842,7 +842,7 @@ def markdown(result: dict) -> str:
     timings = {}
     for p in result.get("parts") or [result]:
         timings |= p["timings"]
-    lines += [f"Wall time per step (s): {', '.join(f'{k} {v}' for k, v in timings.items())}.", ""]
+    lines += [f"Wall time per stage (s): {', '.join(f'{k} {v}' for k, v in timings.items())}.", ""]
     return "\n".join(lines)
 
 
