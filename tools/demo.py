@@ -81,11 +81,13 @@ def main() -> None:
     manual = json.loads(ptedge("eval", f"{work}/{rel}-manual", "--data", test))
     tuned = json.loads(ptedge("eval", f"{work}/{rel}", "--data", test))
     bundle = f"{work}/bundle-int8"
-    # the guard scores int8 against fp32 on the ~100 dev facts: one fact is ~1 point,
-    # so allow 2 here; the manifest records what was measured. (No --force: it would
-    # also let int8 past the guard, so an old bundle is removed first.)
+    # the guard scores int8 against fp32 on P37's 92 scored dev facts: one fact is 1.09
+    # points, and which facts flip varies from run to run (float reductions follow the
+    # thread count), so allow 3 points = 2 facts here (2 points once refused a run that
+    # lost 2 facts); the manifest records what was measured. (No --force: it would also
+    # let int8 past the guard, so an old bundle is removed first.)
     shutil.rmtree(ROOT / bundle, ignore_errors=True)
-    ptedge("export", f"{work}/{rel}", "--out", bundle, "--quantize", "int8", "--max-drop", "2")
+    ptedge("export", f"{work}/{rel}", "--out", bundle, "--quantize", "int8", "--max-drop", "3")
     deployed = json.loads(ptedge("eval", bundle, "--data", test))
 
     sys.path.insert(0, str(ROOT))
