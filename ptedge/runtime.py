@@ -105,10 +105,13 @@ class Predictor:
                 raise BundleError(f"{self.bundle}: no ORT-format model (export with --format ort)")
             name = self.manifest["ort"]["file"]
         model = _safe_name(self.bundle, name)
+        providers = providers or ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds CUDA/cuDNN from the nvidia-* wheels only when torch
+            # loaded them first or when asked to; a torch-free client must ask.
+            ort.preload_dlls()
         try:
-            self.session = ort.InferenceSession(
-                str(model), opts, providers=providers or ["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(str(model), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own types for broken files
             raise BundleError(f"{model}: onnxruntime cannot load it ({e})") from None
         self._inputs = {i.name for i in self.session.get_inputs()}  # a mean-pool head has no slot

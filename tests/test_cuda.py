@@ -1,6 +1,7 @@
 """CUDA paths: training on a GPU in half precision, and bundles on onnxruntime's CUDA
 execution provider. Each test skips cleanly where there is no GPU (or no
-onnxruntime-gpu); tools/gpu_check.sh runs them on a lent GPU machine."""
+onnxruntime-gpu); tools/gpu_check.py measures the same on a real bundle. Results on
+an H200: docs/results/cuda.md."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def test_training_on_cuda_half_backbone(tiny, sentiment_file, tmp_path, dtype):
 @needs_cuda
 @pytest.mark.skipif(
     not torch.cuda.is_available() or not _cuda_ep(),
-    reason="onnxruntime has no CUDAExecutionProvider (install ptedge[gpu])",
+    reason="onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)",
 )
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_bundle_on_cuda_provider_matches_cpu(tiny, sentiment_file, tmp_path, dtype):
