@@ -243,6 +243,26 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def store_weights_apart(path: Path) -> None:
+    """Rewrite an ONNX file with its weights in ``<name>.data`` beside it (ONNX external data).
+
+    onnxruntime then reads the weights from that file instead of parsing them into a
+    protobuf first and copying them out: a client's peak memory while loading drops by
+    about the model's size (MiniLM int8 session: 94 -> 69 MB, docs/results/speed.md).
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+        size_threshold=1024,
+    )
+
+
 def task_entry(run: LoadedRun) -> dict:
     """The manifest's description of one task (everything a client needs)."""
     cfg = run.cfg
@@ -353,6 +373,7 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
         else:
             parity = check_parity(session, runs, samples, fp16_tolerance)
         del session
+    store_weights_apart(tmp / model_file)
     ort_entry = None
     if args.format == "ort":
         from ptedge.mobile import convert_to_ort

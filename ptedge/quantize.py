@@ -38,8 +38,8 @@ HEAD_PREFIXES = ("/heads", "/lm_head")
 
 
 RECIPES = {
-    "all": "dynamic int8: per-channel int8 MatMul weights, int8 activations per tensor, "
-    "per-row int8 embedding",
+    "all": "dynamic int8: per-channel int8 MatMul weights (fused Attention too, for BERT-family "
+    "encoders), int8 activations per tensor, per-row int8 embedding",
     "weight-only": "weight-only int8: MatMulNBits, 8-bit weights in blocks of 32 with their "
     "own scales, activations int8 per block (accuracy level 4), embedding in float",
 }
@@ -55,26 +55,43 @@ def excluded_nodes(model) -> list[str]:
     ]
 
 
-def quantize_int8(fp32: Path, int8: Path, recipe: str = "all") -> dict:
-    """Write an int8 copy of ``fp32`` to ``int8``; returns what was done, for the manifest."""
+def quantize_int8(fp32: Path, int8: Path, recipe: str = "all", encoder: dict | None = None) -> dict:
+    """Write an int8 copy of ``fp32`` to ``int8``; returns what was done, for the manifest.
+
+    ``encoder`` (``ptedge.fusion.encoder_shape`` of a BERT-family backbone) makes the
+    ``all`` recipe fuse attention, layer norms and GELU first and quantize the fused
+    ``Attention`` too.
+    """
     import onnx
 
     model = onnx.load(str(fp32))
     excluded = excluded_nodes(model)
-    table = None
+    table, fused = None, None
     if recipe == "all":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        from ptedge.fusion import fuse_encoder
+
         del model
-        quantize_dynamic(
-            str(fp32),
-            str(int8),
-            op_types_to_quantize=["MatMul"],
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=excluded,
-            extra_options={"MatMulConstBOnly": True},
-        )
+        src = int8.with_name(int8.name + ".fused.tmp")
+        try:
+            if encoder:
+                fused = fuse_encoder(fp32, src, encoder)
+            quantize_dynamic(
+                str(src if fused else fp32),
+                str(int8),
+                op_types_to_quantize=["MatMul", "Attention"],
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=excluded,
+                # fused ops are com.microsoft ones, which shape inference cannot type
+                extra_options={
+                    "MatMulConstBOnly": True,
+                    "DefaultTensorType": onnx.TensorProto.FLOAT,
+                },
+            )
+        finally:
+            src.unlink(missing_ok=True)
         model = onnx.load(str(int8))
         table = quantize_embedding_rows(model)
     else:
@@ -101,6 +118,7 @@ def quantize_int8(fp32: Path, int8: Path, recipe: str = "all") -> dict:
     return {
         "recipe": recipe,
         "method": RECIPES[recipe],
+        "fused_ops": fused,
         "excluded_nodes": excluded,
         "embedding": table,
         "fp32_bytes": fp32.stat().st_size,
@@ -208,12 +226,15 @@ def quantize_guarded(fp32: Path, int8: Path, runs, args) -> dict:
     def session(p):
         return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
 
+    from ptedge.fusion import encoder_shape
+
+    encoder = None if runs[0].cfg.causal else encoder_shape(runs[0].cfg.model)
     data = {run.name: _guard_data(run, args) for run in runs}
     ref = session(fp32)
     base = {r.name: _task_accuracy(ref, r, *data[r.name][1:]) for r in runs}
     tried = []
     for recipe in RECIPES:
-        info = quantize_int8(fp32, int8, recipe)
+        info = quantize_int8(fp32, int8, recipe, encoder)
         s8 = session(int8)
         guard = {}
         for run in runs:
@@ -247,7 +268,7 @@ def quantize_guarded(fp32: Path, int8: Path, runs, args) -> dict:
         f"warning: writing int8 past --max-drop (--force): {worst:.2f} points lost", file=sys.stderr
     )
     if recipe != list(RECIPES)[-1]:
-        info = quantize_int8(fp32, int8, recipe) | {
+        info = quantize_int8(fp32, int8, recipe, encoder) | {
             "guard": info["guard"],
             "max_drop_points": worst,
         }

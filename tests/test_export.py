@@ -65,7 +65,7 @@ def test_bundle_matches_pytorch(case, tiny, sentiment_file, tmp_path):
     scores, _ = Predictor(bundle).scores(list(records), batch_size=3)
     assert scores.argmax(-1).tolist() == torch_ids
     on_disk = json.loads((bundle / "ptedge.json").read_text())
-    assert set(on_disk["files"]) == {"model.onnx", "tokenizer.json"}
+    assert set(on_disk["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
 
 
 def _tiny_linear_run(tiny, data, run) -> None:
@@ -115,6 +115,35 @@ def test_int8_embedding_is_per_row(tiny, sentiment_file, tmp_path):
     rows = inits[table[0]].dims[0]
     scale = inits[table[0].replace(".int8", ".scale")]
     assert list(scale.dims) == [rows, 1]  # one scale per row, prompt rows included
+
+
+def test_int8_fuses_encoder_attention_and_keeps_labels(tiny, sentiment_file, tmp_path):
+    import onnx
+
+    run = tmp_path / "run"
+    _tiny_linear_run(tiny, sentiment_file, run)
+    export(ExportArgs(runs=[str(run)], out=str(tmp_path / "fp32")))
+    m = export(
+        ExportArgs(runs=[str(run)], out=str(tmp_path / "int8"), quantize="int8", max_drop=100)
+    )
+    q = m["quantization"]
+    assert q["recipe"] == "all"
+    assert q["fused_ops"]["Attention"] == 2  # the tiny BERT's two layers
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int8" / "model.int8.onnx")).graph.node}
+    assert {"QAttention", "SkipLayerNormalization"} <= ops
+    assert (tmp_path / "int8" / "model.int8.onnx.data").is_file()
+    records = list(read_records(sentiment_file))
+    a, _ = Predictor(tmp_path / "fp32").scores(records)
+    b, _ = Predictor(tmp_path / "int8").scores(records)
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+
+
+def test_fusion_only_for_bert_family_encoders(tiny):
+    from ptedge.fusion import encoder_shape
+
+    assert encoder_shape(tiny("bert")) == {"num_heads": 2, "hidden_size": 32}
+    assert encoder_shape(tiny("llama")) is None
+    assert encoder_shape(tiny("gpt2")) is None
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

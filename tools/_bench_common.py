@@ -28,6 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
+# What ``ptedge export`` writes, as far as cached bundles are concerned: part of every
+# bundle's cache parameters, so bump it when export output changes (bundles are rebuilt).
+EXPORT_REV = "2: fused BERT-family int8, weights as external data"
+
 # -- prompts shared by both benchmarks ----------------------------------------------------
 # BANKING77 on MiniLM (linear head): 6 pseudo tokens around the text; PEFT gets 6 virtual
 # tokens in front (its only placement).

@@ -155,6 +155,7 @@ class Bench:
             "runs": {str(r): self.cache.index.get(str(r.resolve())) for r in runs},
             "quantize": quantize,
             "eval_max": self.cfg["eval_max"],
+            "export": bc.EXPORT_REV,
         }
         return self.cache.get(out, params, lambda: export(args), "ptedge.json")
 
