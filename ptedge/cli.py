@@ -131,6 +131,12 @@ def _verbalizer(value: str | None) -> dict[str, str] | None:
 @click.option("--epochs", type=float, help="Epochs instead of --steps.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option(
+    "--head-lr",
+    type=float,
+    help="Peak learning rate of the linear head (default: --lr). A classifier trained "
+    "from scratch often wants ~10x the prompt encoder's.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--max-length",

@@ -46,6 +46,7 @@ class RunConfig:
     steps: int = 0  # optimisation steps taken
     batch_size: int = 16
     lr: float = 3e-3
+    head_lr: float | None = None
     train_file: str = ""
     dev_file: str | None = None
     best: dict = field(default_factory=dict)  # dev metrics of the kept prompt

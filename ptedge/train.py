@@ -53,6 +53,7 @@ class TrainArgs:
     epochs: float | None = None
     batch_size: int = 16
     lr: float = 3e-3
+    head_lr: float | None = None  # linear head's peak lr (None: lr)
     warmup: float = 0.06
     seed: int = 0
     max_length: int = 128
@@ -240,6 +241,8 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     labels = _labels_for(args, head, train_recs)
     if head == "generate" and not causal:
         raise ValueError("--head generate needs a causal LM backbone")
+    if args.head_lr is not None and head != "linear":
+        raise ValueError(f"--head-lr is for the linear head; this run's head is {head!r}")
     emb = backbone.base_model.get_input_embeddings().weight
     cfg = RunConfig(
         model=str(model_dir),
@@ -259,6 +262,7 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         seed=args.seed,
         batch_size=args.batch_size,
         lr=args.lr,
+        head_lr=args.head_lr if head == "linear" else None,
         train_file=str(Path(args.train).resolve()),
         dev_file=str(Path(args.dev).resolve()) if args.dev else None,
         versions=_versions(),
@@ -325,7 +329,13 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
         from torch.nn.parallel import DistributedDataParallel
 
         job.forward = DistributedDataParallel(model, broadcast_buffers=False)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    head = {id(p) for p in model.head.parameters()} if model.head is not None else set()
+    groups = [{"params": [p for p in params if id(p) not in head], "lr": args.lr}]
+    if head:
+        groups.append(
+            {"params": [p for p in params if id(p) in head], "lr": args.head_lr or args.lr}
+        )
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, int(steps * args.warmup))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))

@@ -152,6 +152,40 @@ def test_linear_head_learns_tiny_sentiment(tiny, sentiment_file, tmp_path):
     assert evaluate(Job(cfg2, model, tok, compiled), read_records(sentiment_file))["accuracy"] == 1
 
 
+def test_head_lr_moves_only_the_head_faster(tiny, sentiment_file, tmp_path):
+    """Same seed and lr, two head lrs: the encoder ends identical after one step (its own
+    lr and gradient are unchanged), the head moves further with the larger head lr."""
+    moved = {}
+    for name, head_lr in (("same", None), ("fast", 0.3)):
+        out = tmp_path / name
+        cfg = train(
+            args_for(
+                tiny,
+                "bert",
+                sentiment_file,
+                out,
+                template="[P:2] {sentence} [MASK]",
+                verbalizer=None,
+                head="linear",
+                steps=1,
+                head_lr=head_lr,
+                warmup=0,
+            ),
+            progress=False,
+        )
+        assert cfg.head_lr == head_lr
+        moved[name] = {f: load_file(out / f) for f in (ENCODER_FILE, HEAD_FILE)}
+    for k, v in moved["same"][ENCODER_FILE].items():
+        assert torch.equal(v, moved["fast"][ENCODER_FILE][k])
+    assert not torch.equal(moved["same"][HEAD_FILE]["weight"], moved["fast"][HEAD_FILE]["weight"])
+
+
+def test_head_lr_needs_a_linear_head(tiny, sentiment_file, tmp_path):
+    args = args_for(tiny, "gpt2", sentiment_file, tmp_path / "r", steps=1, head_lr=0.1)
+    with pytest.raises(ValueError, match="--head-lr is for the linear head"):
+        train(args, progress=False)
+
+
 def test_epochs_set_the_step_count(tiny, sentiment_file, tmp_path):
     cfg = train(
         args_for(

@@ -36,9 +36,10 @@ PEFT with 10 virtual tokens in front of the manual prompt's text (scored over th
 label words); 300 steps × 16, dev.tsv for the kept checkpoint; ptedge and the manual
 prompt exported as one bundle, fp32 and int8.
 
-**BANKING77** with all-MiniLM-L6-v2: ptedge with a linear head, ``--pool slot`` and
-``--pool mean`` both trained and the better on the dev split (10% of train, carved by
-sha1 of the text) exported, fp32 and int8; PEFT ``SEQ_CLS`` P-tuning (6 virtual tokens;
+**BANKING77** with all-MiniLM-L6-v2: ptedge with a linear head (``--head-lr 0.03``, the
+probe's lr; the prompt encoder at the shared 3e-3), ``--pool slot`` and ``--pool mean``
+both trained and the better on the dev split (10% of train, carved by sha1 of the text)
+exported, fp32 and int8; PEFT ``SEQ_CLS`` P-tuning (6 virtual tokens;
 BERT's pooler reads the first virtual token, the classifier is trained too); a linear
 probe on mean-pooled frozen MiniLM embeddings (no prompt), its lr chosen on dev; all at
 300 steps × 32.
@@ -111,6 +112,10 @@ QUICK = {
 DEV_MAX = 500  # as ptedge.train: dev records scored per periodic evaluation
 SEED = 0
 LR = 3e-3
+# BANKING77: the linear head's lr (``--head-lr``); the prompt encoder keeps LR. 0.03 is
+# the lr the linear probe chose on dev; on dev, ptedge mean pool: 0.872 at the shared
+# 3e-3, 0.910 at 0.03 (0.908 with the encoder at 1e-2 too).
+B77_HEAD_LR = 3e-2
 
 
 class Bench:
@@ -389,6 +394,7 @@ class Bench:
             "relations": relations,
             "categories": {r: LAMA_TYPES.get(r, "?") for r in relations},
             "budget": {"steps": steps, "batch_size": batch, "lr": LR, "seed": SEED},
+            "ptedge_head_lr": B77_HEAD_LR,
             "ptedge_template": bc.LAMA_TEMPLATE,
             "peft_input": f"{bc.LAMA_VIRTUAL} virtual tokens + {{sub_label}}",
             "per_relation": per,
@@ -513,6 +519,7 @@ class Bench:
                     pool=pool,
                     steps=steps,
                     batch_size=batch,
+                    head_lr=B77_HEAD_LR,
                 )
                 stats = self.run_stats(runs[pool])
                 res[f"ptedge_run_{pool}"] = stats
@@ -824,7 +831,9 @@ def markdown(result: dict) -> str:
             f"## BANKING77, all-MiniLM-L6-v2, test accuracy — {b['steps']} steps × "
             f"{b['batch_size']}",
             "",
-            f"ptedge `{b77['ptedge_template']}`, linear head; pool chosen on the dev split "
+            f"ptedge `{b77['ptedge_template']}`, linear head (lr "
+            f"{b77.get('ptedge_head_lr', b['lr']):g}, prompt encoder {b['lr']:g}); pool chosen "
+            "on the dev split "
             f"({b77['dev_split']}): slot {f(dev.get('slot'))}, mean {f(dev.get('mean'))} → "
             f"**{b77['chosen_pool']}** (the default is {b77['pool_default']}).",
             "",
@@ -951,6 +960,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
+    cpu0 = bc.cpu_mark()
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
     if bad:
@@ -992,6 +1002,7 @@ def main(argv: list[str] | None = None) -> None:
         times[f"{t} (total)"] = round(time.perf_counter() - t0, 1)
     result["wall_s"] = time.perf_counter() - t_start
     result["machine"]["load_avg_at_end"] = list(os.getloadavg())
+    result["machine"]["others_cpu_share"] = bc.others_cpu_share(cpu0)
     result["reused"] = bench.cache.reused
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

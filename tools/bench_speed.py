@@ -1124,6 +1124,7 @@ def main(argv: list[str] | None = None) -> None:
     global THREADS
     THREADS = a.threads
     t_start = time.perf_counter()
+    cpu0 = bc.cpu_mark()
     cfg = QUICK if a.quick else FULL
     names = [m.strip() for m in a.models.split(",") if m.strip()]
     all_specs = specs()
@@ -1161,6 +1162,7 @@ def main(argv: list[str] | None = None) -> None:
         result["models"][n] = bench_model(all_specs[n], cache, cfg, result["timings"])
     result["wall_s"] = time.perf_counter() - t_start
     result["machine"]["load_avg_at_end"] = list(os.getloadavg())
+    result["machine"]["others_cpu_share"] = bc.others_cpu_share(cpu0)
     result["reused"] = cache.reused
     out.mkdir(parents=True, exist_ok=True)
     bc.write_json(out / "speed.json", result)
