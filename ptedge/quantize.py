@@ -3,7 +3,9 @@
 Two measured choices (see DESIGN.md, "Known traps"):
 - weights of the backbone's MatMuls: onnxruntime dynamic quantization, per-channel
   int8, constant weights only; the task heads (LM head, label heads, linear heads)
-  stay float, since per-tensor int8 of SmolLM2's LM head changed its top-1 answers;
+  stay float, since per-tensor int8 of SmolLM2's LM head changed its top-1 answers.
+  BERT-family encoders are fused first (``ptedge.fusion``) and their fused attention
+  is quantized too;
 - the word embedding, prompt rows included: *per-row* int8 with one scale per row
   (a Gather of int8 rows and of their scales, then a Mul). onnxruntime's own Gather
   quantization uses one scale for the whole table and would crush the prompt rows,
@@ -14,7 +16,7 @@ The guard (``quantize_guarded``) tries two recipes in order until every task sta
 within ``--max-drop`` on its data: ``all`` (above; smallest and fastest) and
 ``weight-only`` (onnxruntime's MatMulNBits at 8 bits, blocks of 32: activations are
 quantized per block, not per tensor, and the embedding stays float). Measured here:
-MiniLM/BANKING77 keeps accuracy with ``all`` (0.772 vs 0.775, 27% of fp32's size);
+MiniLM/BANKING77 keeps accuracy with ``all`` (0.769 vs 0.775, 26% of fp32's size);
 SmolLM2 lost ~10 points on LAMA dev sets and 8.6 on SST-2 dev with ``all`` (Llama's
 activation outliers against per-tensor scales), while ``weight-only`` gave P37 test
 P@1 0.767 = fp32, at batch 1 and 32 alike.

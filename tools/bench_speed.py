@@ -408,12 +408,13 @@ def alternate_latency(fns: dict, inputs: list, warmup: int) -> dict[str, list[fl
     up). Names take turns in blocks of ``BLOCK`` inputs, in rotating order, each block
     after ``REWARM`` untimed calls.
 
-    Blocks, not single calls: each runtime keeps its worker threads spinning for a while
-    after a call (PyTorch's OpenMP pool, onnxruntime's own pool), so a call made right after
-    another runtime's call shares the 2 cores with that runtime's spinning threads, which
-    no deployment does. Measured here, MiniLM batch 1, per-call turns against blocks:
-    PEFT 23.9 against 9.0 ms, ptedge int8 6.8 against 1.8 ms (``interleaved_latency``
-    keeps the per-call figure in the report).
+    Blocks, not single calls: a call made right after another runtime's call may share
+    the 2 cores with that runtime's still-spinning worker threads (PyTorch's OpenMP pool,
+    onnxruntime's own), which no deployment does. Measured here, MiniLM batch 1 p50, per-call
+    turns against blocks in one process: PEFT 23.9 against 9.0 ms and int8 6.8 against
+    1.8 ms in one run, 9.2 against 9.0 and 1.7 against 1.6 ms in a later one: per-call turns
+    are sometimes far slower, blocks were steady. ``interleaved_latency`` keeps the
+    per-call figure in the report.
     """
     names = list(fns)
     for x in inputs[:warmup]:
