@@ -234,7 +234,8 @@ def _is_bundle(path: str) -> bool:
 @click.option(
     "--quantize",
     type=click.Choice(["int8"]),
-    help="int8, accuracy-guarded: dynamic per-channel int8, else weight-only int8 blocks.",
+    help="int8, accuracy-guarded: dynamic per-channel int8, else weight-only int8 blocks "
+    "(int8 arithmetic, then float arithmetic).",
 )
 @click.option(
     "--eval",

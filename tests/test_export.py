@@ -202,7 +202,10 @@ def test_choose_top_p_keeps_the_nucleus():
     assert picks == {0, 1}
 
 
-def test_weight_only_recipe_keeps_heads_float_and_scores_close(tiny, sentiment_file, tmp_path):
+@pytest.mark.parametrize("recipe,level", [("weight-only", 4), ("weight-only-float", 1)])
+def test_weight_only_recipe_keeps_heads_float_and_scores_close(
+    tiny, sentiment_file, tmp_path, recipe, level
+):
     import onnx
     import onnxruntime as ort
 
@@ -212,9 +215,10 @@ def test_weight_only_recipe_keeps_heads_float_and_scores_close(tiny, sentiment_f
     _tiny_linear_run(tiny, sentiment_file, run)
     export(ExportArgs(runs=[str(run)], out=str(bundle)))
     out = tmp_path / "w8.onnx"
-    info = quantize_int8(bundle / "model.onnx", out, "weight-only")
-    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
-    assert "MatMulNBits" in ops and info["embedding"] is None
+    info = quantize_int8(bundle / "model.onnx", out, recipe)
+    nbits = [n for n in onnx.load(str(out)).graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and info["embedding"] is None
+    assert {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {level}
     assert all(n.startswith("/heads") for n in info["excluded_nodes"])
     feeds = Predictor(bundle)
     recs = list(read_records(sentiment_file))
