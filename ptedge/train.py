@@ -329,11 +329,11 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
         from torch.nn.parallel import DistributedDataParallel
 
         job.forward = DistributedDataParallel(model, broadcast_buffers=False)
-    head = {id(p) for p in model.head.parameters()} if model.head is not None else set()
-    groups = [{"params": [p for p in params if id(p) not in head], "lr": args.lr}]
-    if head:
+    head_ids = {id(p) for p in model.head.parameters()} if model.head is not None else set()
+    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": args.lr}]
+    if head_ids:  # the linear head: its own peak lr (--head-lr)
         groups.append(
-            {"params": [p for p in params if id(p) in head], "lr": args.head_lr or args.lr}
+            {"params": [p for p in params if id(p) in head_ids], "lr": args.head_lr or args.lr}
         )
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, int(steps * args.warmup))
