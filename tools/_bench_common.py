@@ -38,11 +38,13 @@ EXPORT_REV = "2: fused BERT-family int8, weights as external data"
 B77_TEMPLATE = "[P:3] {text} [P:3] [MASK]"
 B77_NO_PROMPT = "{text} [MASK]"
 B77_VIRTUAL = 6
-# SST-2 on SmolLM2: the manual prompt, and the same words with 10 pseudo tokens; PEFT gets
-# 10 virtual tokens in front of the manual prompt's text. Verbalizer as in the issue.
+# SST-2 on SmolLM2: the manual prompt, and the same words after 10 pseudo tokens, the
+# placement PEFT gets too (10 virtual tokens in front of the manual prompt's text). Chosen on
+# dev: it beat "[P:5] Review: {sentence} [P:5]\nSentiment: [MASK]" (dev 0.900 vs 0.890 at
+# 300 x 16, seed 0). Verbalizer as in the issue.
 SST2_VERBALIZER = {"0": "negative", "1": "positive"}
 SST2_MANUAL = "Review: {sentence}\nSentiment: [MASK]"
-SST2_TEMPLATE = "[P:5] Review: {sentence} [P:5]\nSentiment: [MASK]"
+SST2_TEMPLATE = "[P:10] Review: {sentence}\nSentiment: [MASK]"
 SST2_PEFT_TEXT = "Review: {sentence}\nSentiment:"
 SST2_VIRTUAL = 10
 # LAMA on SmolLM2: the paper's P-tuning template; PEFT: 6 virtual tokens, then the subject.
