@@ -112,10 +112,11 @@ QUICK = {
 DEV_MAX = 500  # as ptedge.train: dev records scored per periodic evaluation
 SEED = 0
 LR = 3e-3
-# BANKING77: the linear head's lr (``--head-lr``); the prompt encoder keeps LR. 0.03 is
-# the lr the linear probe chose on dev; on dev, ptedge mean pool: 0.872 at the shared
-# 3e-3, 0.910 at 0.03 (0.908 with the encoder at 1e-2 too).
-B77_HEAD_LR = 3e-2
+# BANKING77: the linear head's lr (``--head-lr``); the prompt encoder keeps LR. Chosen on
+# dev (mean pool, one thread, 500 dev sentences): 0.872 at the shared 3e-3, 0.910 at 0.03
+# (the probe's choice), 0.918 at 0.05, 0.902 at 0.1; encoder at 1e-2 or 16 pseudo tokens:
+# 0.908. Seeds move dev by 2 points (0.910 / 0.932 / 0.912 for seeds 0-2 at 0.03).
+B77_HEAD_LR = 5e-2
 
 
 class Bench:
@@ -394,7 +395,6 @@ class Bench:
             "relations": relations,
             "categories": {r: LAMA_TYPES.get(r, "?") for r in relations},
             "budget": {"steps": steps, "batch_size": batch, "lr": LR, "seed": SEED},
-            "ptedge_head_lr": B77_HEAD_LR,
             "ptedge_template": bc.LAMA_TEMPLATE,
             "peft_input": f"{bc.LAMA_VIRTUAL} virtual tokens + {{sub_label}}",
             "per_relation": per,
@@ -501,6 +501,7 @@ class Bench:
         res: dict = {
             "backbone": "minilm-l6",
             "ptedge_template": bc.B77_TEMPLATE,
+            "ptedge_head_lr": B77_HEAD_LR,
             "budget": {"steps": steps, "batch_size": batch, "lr": LR, "seed": SEED},
             "dev_split": "10% of train.csv, sha1(text) % 10 == 0",
             "peft_input": f"{bc.B77_VIRTUAL} virtual tokens + [CLS] {{text}} [SEP]",
