@@ -17,7 +17,11 @@ that drift of this shared machine hits all of them (latency in blocks of calls, 
   ``predict`` from records to labels.
 
 Measured:
-- batch-1 latency p50/p90 over real test sentences (after warm-up);
+- batch-1 latency p50/p90 over real test sentences (after warm-up); also with each system
+  alone in its own process (``alone_latency``): in one process, two onnxruntime sessions
+  taking turns slow the first calls of each block (the other session's worker threads
+  still spin; measured: MiniLM int8 p90 2.7-2.8 ms beside PEFT only, 3.8-6.0 ms beside
+  another onnxruntime session), which an app running one bundle never sees;
 - throughput at batch 32: the same 32-record batches for every system (so ptedge's
   length sorting inside ``predict`` cannot reduce its padding), median of repeats;
 - cold start: a fresh ``python -c`` process from spawn to its first prediction, and that
@@ -29,7 +33,10 @@ Measured:
   peft, against onnxruntime + tokenizers + numpy + click);
 - prompt overhead: bare ``session.run`` of the fused bundle against the same backbone
   exported by ptedge without prompts (a ``--steps 0`` run of a template with no ``[P]``),
-  fed the same ids with the pseudo ids replaced by an ordinary token (same token count);
+  fed the same ids with the pseudo ids replaced by an ordinary token (same token count),
+  with an A/A control (a second session of the no-prompt bundle timed in the same
+  rotation: the noise floor) and a check that the two graphs differ only in the
+  embedding table's rows;
 - runtime overhead: ``Predictor.predict`` at batch 1 against ``session.run`` of the same
   session on the same ids encoded beforehand;
 - SmolLM2 only: ptedge's task graph against a graph that outputs logits for every
@@ -76,6 +83,7 @@ FULL = {
     "tput_records": 256,
     "tput_repeats": 3,
     "cold_repeats": 3,
+    "alone_rounds": 2,
     "build_steps": {"minilm": 150, "smollm2": 60},
     "train_warmup": 2,
     "train_measured": 8,
@@ -90,6 +98,7 @@ QUICK = {
     "tput_records": 32,
     "tput_repeats": 1,
     "cold_repeats": 1,
+    "alone_rounds": 1,
     "build_steps": {"minilm": 2, "smollm2": 2},
     "train_warmup": 1,
     "train_measured": 2,
@@ -576,6 +585,67 @@ def measure_cold(spec: Spec, b: Built, record: dict, repeats: int) -> dict:
     return out
 
 
+ALONE_CHILD = """import json, sys, time
+from pathlib import Path
+a = json.loads(sys.argv[1])
+sys.path.insert(0, a["tools"])
+import bench_speed as bs
+bs.THREADS = a["threads"]
+if a["system"] == "peft":
+    import torch
+    torch.set_num_threads(a["threads"])
+    b = bs.Built(Path(a["model"]), None, None, None, None, None, Path(a["adapter"]),
+                 a["labels"], a["label_ids"])
+    s = bs.PeftSystem(bs.specs()[a["spec"]], b)
+else:
+    s = bs.PtedgeSystem(Path(a["bundle"]))
+recs = a["records"]
+for r in recs[: a["warmup"]]:
+    s.predict([r])
+ts = []
+for r in recs[a["warmup"] :]:
+    t0 = time.perf_counter()
+    s.predict([r])
+    ts.append(time.perf_counter() - t0)
+print(json.dumps(ts), flush=True)
+"""
+
+
+def alone_latency(spec: Spec, b: Built, records: list[dict], cfg: dict) -> dict:
+    """Per system: batch-1 seconds per call with the system alone in a fresh process (as
+    an app deploys it), same records and warm-up; ``alone_rounds`` rounds, systems taking
+    turns in rotating order. No other runtime's thread pool shares the process, which the
+    in-process blocks cannot rule out (see the report)."""
+    common = {"tools": str(Path(__file__).parent), "threads": THREADS, "records": records}
+    common["warmup"] = cfg["warmup"]
+    args = {
+        "peft": {
+            "system": "peft",
+            "spec": spec.name,
+            "model": str(b.model_dir),
+            "adapter": str(b.adapter),
+            "labels": b.labels,
+            "label_ids": b.label_ids,
+        },
+        "ptedge_fp32": {"system": "ptedge", "bundle": str(b.bundle_fp32)},
+        "ptedge_int8": {"system": "ptedge", "bundle": str(b.bundle_int8)},
+    }
+    times: dict[str, list[float]] = {n: [] for n in SYSTEMS}
+    for rnd in range(cfg["alone_rounds"]):
+        for n in _rotations(list(SYSTEMS), rnd):
+            out = subprocess.run(
+                [sys.executable, "-c", ALONE_CHILD, json.dumps({**common, **args[n]})],
+                capture_output=True,
+                text=True,
+                cwd=bc.ROOT,
+            )
+            if out.returncode != 0:
+                tail = out.stderr.strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"latency child {n} failed: {tail[0]}")
+            times[n] += json.loads(out.stdout.strip().splitlines()[-1])
+    return times
+
+
 # -- training throughput ---------------------------------------------------------------------
 
 
@@ -709,6 +779,9 @@ def bench_model(spec: Spec, cache: bc.Cache, cfg: dict, times: dict) -> dict:
 
     with bc.Timer(times, f"{spec.name}: cold start"):
         cold = measure_cold(spec, b, lat_recs[-1], cfg["cold_repeats"])
+    with bc.Timer(times, f"{spec.name}: latency alone in a process"):
+        alone = alone_latency(spec, b, lat_recs, cfg)
+    res["alone_rounds"] = cfg["alone_rounds"]
     with bc.Timer(times, f"{spec.name}: training throughput"):
         res["training"] = measure_training(spec, b, cfg, cache.work / spec.name)
 
@@ -723,6 +796,7 @@ def bench_model(spec: Spec, cache: bc.Cache, cfg: dict, times: dict) -> dict:
         "ptedge_int8": bc.folder_bytes(b.bundle_int8),
     }
     for n in SYSTEMS:
+        sys_res[n]["latency_b1_alone_ms"] = lat_summary(alone[n])
         sys_res[n]["cold_start_s"] = cold[n]["s"]
         sys_res[n]["cold_peak_rss_mb"] = cold[n]["peak_rss_mb"]
         sys_res[n]["cold_runs"] = cold[n]["runs"]
@@ -737,6 +811,12 @@ def bench_model(spec: Spec, cache: bc.Cache, cfg: dict, times: dict) -> dict:
 
 
 def prompt_overhead(spec, b: Built, systems, lat_recs, batches, cfg) -> dict:
+    """Fused bundle against the same backbone exported without prompts, same token count.
+
+    With an A/A control: a second session on the no-prompt bundle, timed in the same
+    rotation, whose difference from the first is pure measurement noise (the two graphs
+    differ only in the embedding table's extra prompt rows, which ``same_graph`` checks).
+    """
     out = {}
     pairs = [
         ("fp32", systems["ptedge_fp32"], b.noprompt_fp32),
@@ -745,7 +825,7 @@ def prompt_overhead(spec, b: Built, systems, lat_recs, batches, cfg) -> dict:
     for prec, prompted, plain_dir in pairs:
         if plain_dir is None:
             continue
-        plain = PtedgeSystem(plain_dir)
+        plain, again = PtedgeSystem(plain_dir), PtedgeSystem(plain_dir)
         vocab = prompted.p.manifest["backbone"]["vocab_size"]
         filler = plain.p.tokenizer.encode("the", add_special_tokens=False).ids[0]
 
@@ -758,6 +838,7 @@ def prompt_overhead(spec, b: Built, systems, lat_recs, batches, cfg) -> dict:
         fns = {
             "prompted": lambda i, pre=pre, s=prompted: s.run(pre[i]),
             "no_prompt": lambda i, pre=pre, s=plain: s.run(swap(pre[i])),
+            "no_prompt_again": lambda i, pre=pre, s=again: s.run(swap(pre[i])),
         }
         t = alternate_latency(fns, list(range(len(pre))), cfg["warmup"])
         bfeeds = [prompted.feeds(bt) for bt in batches]
@@ -767,14 +848,55 @@ def prompt_overhead(spec, b: Built, systems, lat_recs, batches, cfg) -> dict:
             "prompted_b1_ms": lat_summary(t["prompted"]),
             "no_prompt_b1_ms": lat_summary(t["no_prompt"]),
             "b1_overhead_pct": 100 * (p50["prompted"] / p50["no_prompt"] - 1),
+            "aa_b1_ms": lat_summary(t["no_prompt_again"]),
+            "aa_b1_pct": 100 * (p50["no_prompt_again"] / p50["no_prompt"] - 1),
             "prompted_b32_per_s": tp["prompted"],
             "no_prompt_b32_per_s": tp["no_prompt"],
             "b32_overhead_pct": 100 * (tp["no_prompt"] / tp["prompted"] - 1),
             "prompt_tokens": prompted.p.manifest["tasks"][prompted.name]["pseudo_ids"][1],
             "no_prompt_bundle_mb": bc.folder_bytes(plain_dir) / 1e6,
+            "same_graph": graph_difference(prompted.p, plain.p),
         }
-        del plain
+        del plain, again
     return out
+
+
+def graph_difference(a, b) -> dict:
+    """What differs between two Predictors' bundle graphs: node counts by op type (equal or
+    not) and the initializers whose shapes differ (name: [shape in a, shape in b])."""
+    import collections
+
+    import onnx
+
+    graphs = [
+        onnx.load(str(p.bundle / p.manifest["model"]), load_external_data=False).graph
+        for p in (a, b)
+    ]
+    ops = [collections.Counter(n.op_type for n in g.node) for g in graphs]
+    shapes = [{i.name: list(i.dims) for i in g.initializer} for g in graphs]
+    return {
+        "ops_equal": ops[0] == ops[1],
+        "nodes": [sum(c.values()) for c in ops],
+        "initializer_shapes_differ": {
+            n: [shapes[0][n], shapes[1].get(n)]
+            for n in shapes[0]
+            if shapes[0][n] != shapes[1].get(n)
+        },
+    }
+
+
+def _noise_note(po: dict) -> str:
+    """The prompt-overhead line's A/A control and graph comparison, for the report."""
+    if "aa_b1_pct" not in po:
+        return ""
+    g = po["same_graph"]
+    rows = "; ".join(f"`{n}` {a} vs {b}" for n, (a, b) in g["initializer_shapes_differ"].items())
+    same = "same ops" if g["ops_equal"] else "DIFFERENT ops"
+    return (
+        f" A/A control (a second no-prompt session in the same rotation): batch 1 "
+        f"{po['aa_b1_pct']:+.1f}%, the measurement's own noise. Graphs: {same} "
+        f"({g['nodes'][0]} vs {g['nodes'][1]} nodes); shapes that differ: {rows or 'none'}."
+    )
 
 
 def _tput_feeds(a, b, feeds: list[dict], swap, repeats: int) -> dict:
@@ -885,6 +1007,8 @@ def ratios(s: dict, training: dict) -> dict:
     return {
         "latency_p50": peft["latency_b1_ms"]["p50"] / i8["latency_b1_ms"]["p50"],
         "latency_p90": peft["latency_b1_ms"]["p90"] / i8["latency_b1_ms"]["p90"],
+        "alone_p50": peft["latency_b1_alone_ms"]["p50"] / i8["latency_b1_alone_ms"]["p50"],
+        "alone_p90": peft["latency_b1_alone_ms"]["p90"] / i8["latency_b1_alone_ms"]["p90"],
         "throughput_b32": i8["throughput_b32"] / peft["throughput_b32"],
         "cold_start": peft["cold_start_s"] / i8["cold_start_s"],
         "peak_rss": peft["cold_peak_rss_mb"] / i8["cold_peak_rss_mb"],
@@ -934,6 +1058,18 @@ def markdown(result: dict) -> str:
             ("batch-1 latency p50 (ms)", lambda x: x["latency_b1_ms"]["p50"], 2, "latency_p50"),
             ("batch-1 latency p90 (ms)", lambda x: x["latency_b1_ms"]["p90"], 2, "latency_p90"),
             (
+                "batch-1 latency p50, alone in a process (ms) ²",
+                lambda x: x["latency_b1_alone_ms"]["p50"],
+                2,
+                "alone_p50",
+            ),
+            (
+                "batch-1 latency p90, alone in a process (ms) ²",
+                lambda x: x["latency_b1_alone_ms"]["p90"],
+                2,
+                "alone_p90",
+            ),
+            (
                 "throughput, batch 32 (samples/s) ¹",
                 lambda x: x["throughput_b32"],
                 1,
@@ -961,6 +1097,9 @@ def markdown(result: dict) -> str:
             "",
             "¹ for throughput the ratio is ptedge int8 ÷ PEFT (higher is better for ptedge, "
             "like every other ratio).",
+            f"² each system in its own fresh process, one after another ({r['alone_rounds']} "
+            "round(s), same sentences and warm-up), as an app runs it: no other runtime's "
+            "thread pool in the process.",
             "",
             f"- Batch-1 latency is timed in blocks of {BLOCK} calls per system (turns rotate "
             "between blocks), so no system runs beside another's still-spinning worker threads."
@@ -995,6 +1134,7 @@ def markdown(result: dict) -> str:
                 f"longer ids): batch 1 p50 {f(po['prompted_b1_ms']['p50'], 2)} ms fused vs "
                 f"{f(po['no_prompt_b1_ms']['p50'], 2)} ms without prompts "
                 f"({po['b1_overhead_pct']:+.1f}%); batch 32 {po['b32_overhead_pct']:+.1f}%."
+                + _noise_note(po)
             )
         for prec, ro in r["runtime_overhead"].items():
             lines.append(
@@ -1038,9 +1178,10 @@ def markdown(result: dict) -> str:
         )
         for prec, po in mini["prompt_overhead"].items():
             ok = po["b1_overhead_pct"] <= 3
+            aa = f" (A/A {po['aa_b1_pct']:+.1f}%)" if "aa_b1_pct" in po else ""
             lines.append(
                 f"| prompt overhead ≤ 3% ({prec}, batch 1) | "
-                f"{po['b1_overhead_pct']:+.1f}% | {'yes' if ok else 'no'} |"
+                f"{po['b1_overhead_pct']:+.1f}%{aa} | {'yes' if ok else 'no'} |"
             )
         for prec, ro in mini["runtime_overhead"].items():
             ok = ro["ratio_p50"] <= 1.2
