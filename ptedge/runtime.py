@@ -206,12 +206,13 @@ class Predictor:
         results = []
         if spec["kind"] == "classify":
             labels = spec["labels"]
-            for p, t in zip(probs, truncated, strict=True):
-                best = int(p.argmax())
+            for row, best, t in zip(
+                probs.tolist(), probs.argmax(-1).tolist(), truncated, strict=True
+            ):
                 r = {
                     "label": labels[best],
-                    "score": float(p[best]),
-                    "scores": {lab: float(v) for lab, v in zip(labels, p, strict=True)},
+                    "score": row[best],
+                    "scores": dict(zip(labels, row, strict=True)),
                 }
                 results.append(r | ({"truncated": int(t)} if t else {}))
         else:
