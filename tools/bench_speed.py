@@ -594,8 +594,9 @@ bs.THREADS = a["threads"]
 if a["system"] == "peft":
     import torch
     torch.set_num_threads(a["threads"])
-    b = bs.Built(Path(a["model"]), None, None, None, None, None, Path(a["adapter"]),
-                 a["labels"], a["label_ids"])
+    b = bs.Built(model_dir=Path(a["model"]), run=None, bundle_fp32=None, bundle_int8=None,
+                 noprompt_fp32=None, noprompt_int8=None, adapter=Path(a["adapter"]),
+                 labels=a["labels"], label_ids=a["label_ids"])
     s = bs.PeftSystem(bs.specs()[a["spec"]], b)
 else:
     s = bs.PtedgeSystem(Path(a["bundle"]))
@@ -616,8 +617,12 @@ def alone_latency(spec: Spec, b: Built, records: list[dict], cfg: dict) -> dict:
     an app deploys it), same records and warm-up; ``alone_rounds`` rounds, systems taking
     turns in rotating order. No other runtime's thread pool shares the process, which the
     in-process blocks cannot rule out (see the report)."""
-    common = {"tools": str(Path(__file__).parent), "threads": THREADS, "records": records}
-    common["warmup"] = cfg["warmup"]
+    common = {
+        "tools": str(Path(__file__).parent),
+        "threads": THREADS,
+        "records": records,
+        "warmup": cfg["warmup"],
+    }
     args = {
         "peft": {
             "system": "peft",
