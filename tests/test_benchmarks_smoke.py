@@ -57,6 +57,7 @@ def test_bench_speed_quick(tmp_path):
         for s in SYSTEMS:
             got = r["systems"][s]
             assert got["latency_b1_ms"]["p50"] > 0 and got["latency_b1_ms"]["p90"] > 0
+            assert got["latency_b1_alone_ms"]["p50"] > 0  # each system in its own process
             for key in ("throughput_b32", "cold_start_s", "cold_peak_rss_mb", "size_mb"):
                 assert got[key] > 0, (name, s, key)
         ratios = r["ratios_peft_over_int8"]
@@ -66,7 +67,15 @@ def test_bench_speed_quick(tmp_path):
         assert r["training"]["peft"]["samples_per_s"] > 0
         assert set(r["runtime_overhead"]) == {"ptedge_fp32", "ptedge_int8"}
         assert 0 < r["int8"]["size_fraction_of_fp32"] < 1
-    assert set(data["models"]["minilm"]["prompt_overhead"]) == {"fp32", "int8"}  # quick: MiniLM
+    overhead = data["models"]["minilm"]["prompt_overhead"]
+    assert set(overhead) == {"fp32", "int8"}  # quick: MiniLM only
+    for po in overhead.values():
+        assert po["aa_b1_ms"]["p50"] > 0  # the A/A control ran
+        graph = po["same_graph"]  # the fused table has 6 more rows, nothing else differs
+        assert graph["ops_equal"] and graph["nodes"][0] == graph["nodes"][1]
+        assert [a[0] - b[0] for a, b in graph["initializer_shapes_differ"].values()] == [6] * len(
+            graph["initializer_shapes_differ"]
+        )
     full = data["models"]["smollm2"]["full_logits"]
     assert full["output_bytes_b32"]["full_logits"] > full["output_bytes_b32"]["task_graph"]
     assert "PEFT ÷ ptedge int8" in md and "## Goals" in md
