@@ -1,6 +1,6 @@
 """Token-by-token decoding with a KV-cache decoder in onnxruntime, torch-free.
 
-The decoder graph (exported by optimum, see ``ptedge.export_decoder``) takes
+The decoder graph (exported by optimum, see ``ptedge.export.decoder``) takes
 ``input_ids``, ``attention_mask``, ``position_ids`` and ``past_key_values.{i}.key|value``
 and returns ``logits`` and ``present.{i}.key|value``. ``decode`` runs the prompt once,
 then one token per step, choosing greedily (``temperature=0``) or by sampling with

@@ -56,7 +56,7 @@ def test_training_on_cuda_half_backbone(tiny, sentiment_file, tmp_path, dtype):
 def test_bundle_on_cuda_provider_matches_cpu(tiny, sentiment_file, tmp_path, dtype):
     from ptedge.data import read_records
     from ptedge.export import ExportArgs, export
-    from ptedge.half import fp16_tolerance
+    from ptedge.export.half import fp16_tolerance
     from ptedge.runtime import Predictor
     from ptedge.train import TrainArgs, train
 

@@ -13,7 +13,8 @@ pytest.importorskip("torch")
 from conftest import write_jsonl  # noqa: E402
 
 from ptedge.data import read_records  # noqa: E402
-from ptedge.export import PARITY_ATOL, ExportArgs, export  # noqa: E402
+from ptedge.export import ExportArgs, export  # noqa: E402
+from ptedge.export.parity import PARITY_ATOL  # noqa: E402
 from ptedge.runtime import Predictor  # noqa: E402
 from ptedge.train import Job, TrainArgs, predict_ids, train  # noqa: E402
 
@@ -139,7 +140,7 @@ def test_int8_fuses_encoder_attention_and_keeps_labels(tiny, sentiment_file, tmp
 
 
 def test_fusion_only_for_bert_family_encoders(tiny):
-    from ptedge.fusion import encoder_shape
+    from ptedge.export.fusion import encoder_shape
 
     assert encoder_shape(tiny("bert")) == {"num_heads": 2, "hidden_size": 32}
     assert encoder_shape(tiny("llama")) is None
@@ -209,7 +210,7 @@ def test_weight_only_recipe_keeps_heads_float_and_scores_close(
     import onnx
     import onnxruntime as ort
 
-    from ptedge.quantize import quantize_int8
+    from ptedge.export.quantize import quantize_int8
 
     run, bundle = tmp_path / "run", tmp_path / "bundle"
     _tiny_linear_run(tiny, sentiment_file, run)

@@ -1,4 +1,4 @@
-"""ptedge.mobile: a bundle's model in onnxruntime's ORT format gives the ONNX model's scores."""
+"""ptedge.export.mobile: a bundle's model in ORT format gives the ONNX model's scores."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 from conftest import write_jsonl  # noqa: E402
 
 from ptedge.export import ExportArgs, export  # noqa: E402
-from ptedge.mobile import OrtConversionError, convert_to_ort  # noqa: E402
+from ptedge.export.mobile import OrtConversionError, convert_to_ort  # noqa: E402
 from ptedge.runtime import Predictor  # noqa: E402
 from ptedge.template import encode  # noqa: E402
 from ptedge.train import TrainArgs, train  # noqa: E402
@@ -116,7 +116,7 @@ def test_ort_conversion_error_names_the_file(tmp_path):
 def test_mobile_is_torch_free(bundle):
     """Converting loads no torch, although onnxruntime/tools/__init__.py would."""
     code = (
-        "import sys; from pathlib import Path; from ptedge.mobile import convert_to_ort; "
+        "import sys; from pathlib import Path; from ptedge.export.mobile import convert_to_ort; "
         "from ptedge.runtime import load_manifest; "
         f"b = Path({str(bundle)!r}); convert_to_ort(b, load_manifest(b)['model']); "
         "bad = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]; "

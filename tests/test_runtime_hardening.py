@@ -261,7 +261,7 @@ def _interrupt_parity(session, runs, samples):
     [("export_onnx", _interrupt_export_onnx), ("check_parity", _interrupt_parity)],
 )
 def test_interrupted_export_leaves_nothing_behind(work, tmp_path, monkeypatch, step, stub):
-    import ptedge.export as ex
+    import ptedge.export.pipeline as ex
 
     monkeypatch.setattr(ex, step, stub)
     parent = tmp_path / "bundles"
@@ -272,7 +272,7 @@ def test_interrupted_export_leaves_nothing_behind(work, tmp_path, monkeypatch, s
 
 
 def test_interrupted_forced_export_keeps_the_old_bundle(work, bundle, monkeypatch):
-    import ptedge.export as ex
+    import ptedge.export.pipeline as ex
 
     monkeypatch.setattr(ex, "check_parity", _interrupt_parity)
     before = _snapshot(bundle)

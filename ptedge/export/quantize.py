@@ -4,7 +4,7 @@ Two measured choices (see DESIGN.md, "Known traps"):
 - weights of the backbone's MatMuls: onnxruntime dynamic quantization, per-channel
   int8, constant weights only; the task heads (LM head, label heads, linear heads)
   stay float, since per-tensor int8 of SmolLM2's LM head changed its top-1 answers.
-  BERT-family encoders are fused first (``ptedge.fusion``) and their fused attention
+  BERT-family encoders are fused first (``ptedge.export.fusion``) and their fused attention
   is quantized too;
 - the word embedding, prompt rows included: *per-row* int8 with one scale per row
   (a Gather of int8 rows and of their scales, then a Mul). onnxruntime's own Gather
@@ -37,6 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ptedge.data import Records, labels_of, read_records
+from ptedge.export.fusion import encoder_shape, fuse_encoder
+from ptedge.export.scoring import onnx_generate, onnx_scores
+from ptedge.targets import class_targets, exact_match, vocab_targets
+
 # node-name prefixes of heads left in float: task heads of task graphs, the LM head of decoders
 HEAD_PREFIXES = ("/heads", "/lm_head")
 
@@ -67,7 +72,7 @@ def excluded_nodes(model) -> list[str]:
 def quantize_int8(fp32: Path, int8: Path, recipe: str = "all", encoder: dict | None = None) -> dict:
     """Write an int8 copy of ``fp32`` to ``int8``; returns what was done, for the manifest.
 
-    ``encoder`` (``ptedge.fusion.encoder_shape`` of a BERT-family backbone) makes the
+    ``encoder`` (``ptedge.export.fusion.encoder_shape`` of a BERT-family backbone) makes the
     ``all`` recipe fuse attention, layer norms and GELU first and quantize the fused
     ``Attention`` too.
     """
@@ -78,8 +83,6 @@ def quantize_int8(fp32: Path, int8: Path, recipe: str = "all", encoder: dict | N
     table, fused = None, None
     if recipe == "all":
         from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        from ptedge.fusion import fuse_encoder
 
         del model
         src = int8.with_name(int8.name + ".fused.tmp")
@@ -187,12 +190,7 @@ def quantize_embedding_rows(model) -> str | None:
 
 
 def _task_accuracy(session, run, records, targets) -> float:
-    from ptedge.export import onnx_scores
-
     if run.cfg.head == "generate":
-        from ptedge.export_decoder import onnx_generate
-        from ptedge.targets import exact_match
-
         texts = [run.tok.decode(t) for t in onnx_generate(session, run, records, 32)]
         return exact_match(texts, targets)["accuracy"]
 
@@ -207,9 +205,6 @@ def _task_accuracy(session, run, records, targets) -> float:
 
 def _guard_data(run, args):
     """(path, records, targets) the guard scores a task on."""
-    from ptedge.data import Records, labels_of, read_records
-    from ptedge.targets import class_targets, vocab_targets
-
     path = args.eval_file or run.cfg.dev_file or run.cfg.train_file
     recs = read_records(path)
     if len(recs) > args.eval_max:
@@ -235,8 +230,6 @@ def quantize_guarded(fp32: Path, int8: Path, runs, args) -> dict:
 
     def session(p):
         return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-
-    from ptedge.fusion import encoder_shape
 
     encoder = None if runs[0].cfg.causal else encoder_shape(runs[0].cfg.model)
     data = {run.name: _guard_data(run, args) for run in runs}

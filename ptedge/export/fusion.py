@@ -10,12 +10,12 @@ sentences, 2 threads, the two bundles taking turns: p50 1.74 ms fused against 2.
 unfused; test accuracy 0.7685 against 0.7688 (fp32 0.775).
 
 The embedding fusion (``EmbedLayerNormalization``) is left off: it would take the word
-embedding, prompt rows included, out of the plain ``Gather`` that ``ptedge.quantize``
+embedding, prompt rows included, out of the plain ``Gather`` that ``ptedge.export.quantize``
 stores as per-row int8.
 
 Not for decoders (their int8 recipe is weight-only ``MatMulNBits``) nor for fp32/fp16
 bundles, whose graph stays the one checked against PyTorch. Not responsible for
-quantizing (``ptedge.quantize``).
+quantizing (``ptedge.export.quantize``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ so the fp16 graph is held to a tolerance relative to the largest score,
 1e-3 of the largest score on MiniLM (BANKING77) and SmolLM2 (LAMA P37, P36 decoder),
 labels and greedy tokens equal on 32/32 records each.
 
-Not responsible for: int8 (``ptedge.quantize``), choosing execution providers.
+Not responsible for: int8 (``ptedge.export.quantize``), choosing execution providers.
 """
 
 from __future__ import annotations

@@ -1,0 +1,30 @@
+"""The export side: trained runs -> a fused, checked bundle onnxruntime runs without PyTorch.
+
+One module per job, each importing only those listed before it (never back up):
+
+- ``half``, ``fusion``, ``mobile``: fp16 conversion, onnxruntime's encoder fusions, ORT
+  format (torch-free; ``mobile`` runs where no torch is installed);
+- ``runs``: loading run folders onto one backbone, the records checks run on;
+- ``scoring``: running exported graphs and the reference PyTorch model on records;
+- ``parity``: the checks every exported graph must pass (``ParityError``);
+- ``task_graph``, ``decoder``: ONNX export of classification/vocabulary task graphs and
+  of KV-cache decoders;
+- ``quantize``: int8 recipes and the accuracy guard that decides which one ships;
+- ``bundle``: the manifest, file hashes, atomic writing;
+- ``pipeline``: ``ptedge export`` itself (``ExportArgs``, ``export``), re-exported here.
+
+Importing this package loads nothing heavy; ``ExportArgs`` and ``export`` load torch on
+first use.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ExportArgs", "export"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from ptedge.export import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'ptedge.export' has no attribute {name!r}")
