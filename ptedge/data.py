@@ -35,6 +35,7 @@ __all__ = [
     "labels_of",
     "read_records",
     "require_fields",
+    "write_jsonl",
 ]
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".csv", ".tsv")
@@ -162,6 +163,13 @@ def labels_of(records: Sequence[dict[str, str]], field: str) -> list[str]:
             raise DataError(f"{what} label field {field!r}", path=path, line=line, field=field)
         labels.append(value)
     return labels
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict[str, str]]) -> None:
+    """Write records as UTF-8 JSON lines (what :func:`read_records` reads back unchanged)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 # -- internals ----------------------------------------------------------------------------

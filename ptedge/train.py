@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 import ptedge
-from ptedge import checkpoint
+from ptedge import checkpoint, defaults
 from ptedge.config import RunConfig
-from ptedge.data import Records, labels_of, read_records, require_fields
+from ptedge.data import Records, labels_of, read_records, require_fields, write_jsonl
 from ptedge.model import build_for_run, eos_id, is_causal, load_backbone
 from ptedge.targets import accuracy, class_targets, exact_match, vocab_targets
 from ptedge.template import encode, fields_of, parse, pseudo_count
@@ -34,6 +34,8 @@ from ptedge.template import encode, fields_of, parse, pseudo_count
 METRICS = "metrics.jsonl"
 CURVE = "curve.png"
 DEV_MAX = 500  # dev records scored at each periodic evaluation
+DEV_NONE = "none"  # --dev none: train without a dev split
+DEV_FILE = "dev.jsonl"  # the carved dev split, in the run folder
 GEN_MAX_NEW_TOKENS = 32  # greedy decoding budget when evaluating generate runs
 
 
@@ -43,17 +45,17 @@ class TrainArgs:
     train: str
     template: str
     out: str
-    dev: str | None = None
+    dev: str | None = None  # None: carve one from train (ptedge.defaults); DEV_NONE: no dev
     label_field: str = "label"
     verbalizer: dict[str, str] | None = None
     head: str | None = None  # default: lm if the backbone has an LM head, else linear
     encoder: str = "lstm"
-    pool: str = "slot"
+    pool: str | None = None  # linear head input; None: ptedge.defaults.pool
     steps: int | None = None
     epochs: float | None = None
     batch_size: int = 16
     lr: float = 3e-3
-    head_lr: float | None = None  # linear head's peak lr (None: lr)
+    head_lr: float | None = None  # linear head's peak lr; None: ptedge.defaults.head_lr
     warmup: float = 0.06
     seed: int = 0
     max_length: int = 128
@@ -212,6 +214,58 @@ def _versions() -> dict:
     }
 
 
+def _read_dev(args: TrainArgs, need: list[str]) -> Records | None:
+    """The --dev file's records (checked), or None when none was given or ``none``."""
+    if args.dev is None or args.dev == DEV_NONE:
+        return None
+    dev = read_records(args.dev)
+    require_fields(dev, need, reason="template or --label-field needs it")
+    return dev
+
+
+def _carve_dev(args: TrainArgs, train_recs: Records, stratify: bool):
+    """(train records, carved dev records or None, what was done) when --dev is absent."""
+    if args.dev == DEV_NONE:
+        return train_recs, None, {"source": "none", "why": "--dev none"}
+    strata = labels_of(train_recs, args.label_field) if stratify else None
+    keep, dev = defaults.carve_dev(len(train_recs), args.seed, strata)
+    if not dev:
+        why = f"--train has too few records to carve a dev split ({len(train_recs)})"
+        return train_recs, None, {"source": "none", "why": why}
+
+    def pick(idx: list[int]) -> Records:
+        return Records(
+            train_recs.path, [train_recs[i] for i in idx], [train_recs.lines[i] for i in idx]
+        )
+
+    info = {
+        "source": "carved",
+        "file": DEV_FILE,
+        "n": len(dev),
+        "of": len(train_recs),
+        "fraction": defaults.DEV_FRACTION,
+        "cap": defaults.DEV_CAP,
+        "seed": args.seed,
+        "stratified_by": args.label_field if stratify else None,
+    }
+    return pick(keep), pick(dev), info
+
+
+def _choose(args: TrainArgs, head: str, model_dir: Path) -> dict[str, defaults.Choice]:
+    """The values the user left to ptedge, each with its reason."""
+    chosen = {}
+    if head == "linear":
+        chosen["pool"] = (
+            defaults.pool(model_dir) if args.pool is None else defaults.Choice(args.pool, "--pool")
+        )
+        chosen["head_lr"] = (
+            defaults.head_lr(args.lr)
+            if args.head_lr is None
+            else defaults.Choice(args.head_lr, "--head-lr")
+        )
+    return chosen
+
+
 def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     """Run ``ptedge train``; returns the saved run config. Validates before writing."""
     from ptedge.model import backbone_hash
@@ -219,19 +273,10 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     if args.steps is not None and args.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
     parse(args.template)  # template errors before any heavy work
+    need = fields_of(args.template) + [args.label_field]
     train_recs = read_records(args.train)
-    require_fields(
-        train_recs,
-        fields_of(args.template) + [args.label_field],
-        reason="template or --label-field needs it",
-    )
-    dev_recs = read_records(args.dev) if args.dev else None
-    if dev_recs is not None:
-        require_fields(
-            dev_recs,
-            fields_of(args.template) + [args.label_field],
-            reason="template or --label-field needs it",
-        )
+    require_fields(train_recs, need, reason="template or --label-field needs it")
+    dev_recs = _read_dev(args, need)
 
     model_dir = Path(args.model).resolve()
     backbone = load_backbone(model_dir)
@@ -243,6 +288,11 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         raise ValueError("--head generate needs a causal LM backbone")
     if args.head_lr is not None and head != "linear":
         raise ValueError(f"--head-lr is for the linear head; this run's head is {head!r}")
+    if dev_recs is None:
+        train_recs, dev_recs, dev_split = _carve_dev(args, train_recs, labels is not None)
+    else:
+        dev_split = {"source": "given", "file": str(Path(args.dev).resolve())}
+    chosen = _choose(args, head, model_dir)
     emb = backbone.base_model.get_input_embeddings().weight
     cfg = RunConfig(
         model=str(model_dir),
@@ -252,7 +302,7 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         label_field=args.label_field,
         labels=labels,
         verbalizer=args.verbalizer,
-        pool=args.pool,
+        pool=chosen["pool"].value if "pool" in chosen else (args.pool or "slot"),
         max_length=args.max_length,
         n_pseudo=pseudo_count(args.template),
         vocab_size=emb.shape[0],
@@ -262,9 +312,10 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         seed=args.seed,
         batch_size=args.batch_size,
         lr=args.lr,
-        head_lr=args.head_lr if head == "linear" else None,
+        head_lr=chosen["head_lr"].value if "head_lr" in chosen else None,
         train_file=str(Path(args.train).resolve()),
-        dev_file=str(Path(args.dev).resolve()) if args.dev else None,
+        dev_file=dev_split.get("file") if dev_recs is not None else None,
+        dev_split=dev_split,
         versions=_versions(),
         eos_id=eos_id(backbone),
     )
@@ -286,18 +337,26 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     if dev_eval is not None:
         job.targets(dev_eval)  # unknown dev labels fail now, not after training
 
-    steps = args.steps
-    if steps != 0 and cfg.n_pseudo == 0 and head != "linear":
+    if args.steps != 0 and cfg.n_pseudo == 0 and head != "linear":
         raise ValueError(
             "the template has no [P] tokens, so there is nothing to train; "
             "use --steps 0 to measure it as a manual-prompt baseline"
         )
-    if steps is None:
-        per_epoch = math.ceil(len(examples) / args.batch_size)
-        steps = math.ceil(per_epoch * (args.epochs if args.epochs is not None else 1))
+    if args.steps is not None:
+        steps = args.steps
+    elif args.epochs is not None:
+        steps = math.ceil(math.ceil(len(examples) / args.batch_size) * args.epochs)
+    else:
+        chosen["steps"] = defaults.steps(len(examples), args.batch_size)
+        steps = chosen["steps"].value
+    cfg.defaults = {k: c.as_dict() for k, c in chosen.items()}
     out = Path(args.out)
     if rank == 0:
         _prepare_out(out, args.force, args.resume)
+        if dev_split["source"] == "carved":
+            write_jsonl(out / DEV_FILE, dev_recs)
+        if progress:
+            _say_choices(chosen, dev_split, args)
     cfg.steps = steps
     best_state = _fit(job, examples, steps, args, dev_eval, out, progress, (rank, world))
     if rank != 0:
@@ -312,6 +371,26 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     _plot(out / METRICS, out / CURVE)
     shutil.rmtree(out / checkpoint.CHECKPOINT, ignore_errors=True)  # finished: not needed
     return cfg
+
+
+def _say_choices(chosen: dict[str, defaults.Choice], dev_split: dict, args: TrainArgs) -> None:
+    """Tell the user, on stderr, what ptedge chose for them and why."""
+    for name, c in chosen.items():
+        if c.why.startswith("--"):
+            continue
+        print(f"default {name} = {c.value}: {c.why}", file=sys.stderr)
+    if dev_split["source"] == "carved":
+        strat = (
+            f", stratified by {dev_split['stratified_by']!r}" if dev_split["stratified_by"] else ""
+        )
+        print(
+            f"dev split: {dev_split['n']} of {dev_split['of']} records of {args.train} held out "
+            f"(seed {dev_split['seed']}{strat}), saved as {Path(args.out) / DEV_FILE}; "
+            "give --dev FILE for your own, --dev none for no dev split",
+            file=sys.stderr,
+        )
+    elif dev_split["source"] == "none":
+        print(f"no dev split ({dev_split['why']}): the last step's prompt is kept", file=sys.stderr)
 
 
 def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -> dict | None:
@@ -333,7 +412,7 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
     groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": args.lr}]
     if head_ids:  # the linear head: its own peak lr (--head-lr)
         groups.append(
-            {"params": [p for p in params if id(p) in head_ids], "lr": args.head_lr or args.lr}
+            {"params": [p for p in params if id(p) in head_ids], "lr": job.cfg.head_lr or args.lr}
         )
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, int(steps * args.warmup))

@@ -1,0 +1,121 @@
+"""The choices ``ptedge train`` makes when the user does not: the linear head's pooling and
+learning rate, the number of steps, and a dev split carved from ``--train``.
+
+Each choice comes with the reason for it; training prints them and records them in the
+run's ``ptedge.json`` (``defaults``), so a run says what it did and why. The values were
+chosen on dev splits, leave-one-task-out over SST-2, BANKING77 and CLINC150
+(``docs/results/defaults.md``); they are rules with a reason behind them, not settings
+tuned to one data set.
+
+Torch-free. Not responsible for: training, reading data files, the template.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEV_FRACTION = 0.1  # of --train carved out as the dev split when --dev is not given
+DEV_CAP = 1000  # at most this many records carved (selection scores 500, the guard 1000)
+DEV_MIN = 20  # fewer would make a dev split too noisy to select anything: none is carved
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A value ptedge chose, and why."""
+
+    value: object
+    why: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sentence_transformers_pooling(backbone_dir: str | Path) -> str | None:
+    """The pooling mode a sentence-transformers folder declares ("mean", "cls", "max", ...),
+    or None when the folder has no pooling module."""
+    folder = Path(backbone_dir)
+    path = folder / "1_Pooling"
+    modules = folder / "modules.json"
+    if modules.is_file():
+        for m in json.loads(modules.read_text(encoding="utf-8")):
+            if str(m.get("type", "")).endswith("Pooling"):
+                path = folder / m.get("path", "1_Pooling")
+    config = path / "config.json"
+    if not config.is_file():
+        return None
+    cfg = json.loads(config.read_text(encoding="utf-8"))
+    modes = [
+        k[len("pooling_mode_") :] for k, v in cfg.items() if k.startswith("pooling_mode_") and v
+    ]
+    return modes[0].removesuffix("_tokens").removesuffix("_token") if len(modes) == 1 else None
+
+
+def pool(backbone_dir: str | Path) -> Choice:
+    """Input of the linear head: the mean over the sequence's hidden states."""
+    declared = sentence_transformers_pooling(backbone_dir)
+    if declared == "mean":
+        return Choice("mean", "the backbone was trained with mean pooling (1_Pooling/config.json)")
+    return Choice(
+        "mean",
+        "mean pooling: better than the [MASK] slot's state for a frozen encoder's linear head "
+        "on every dev split tried (docs/results/defaults.md)",
+    )
+
+
+HEAD_LR = 3e-2  # the linear head's peak lr; the prompt encoder keeps --lr
+
+
+def head_lr(lr: float) -> Choice:
+    """Peak lr of the linear head, which starts from scratch on the frozen features."""
+    value = max(HEAD_LR, lr)
+    return Choice(
+        value,
+        f"a classifier trained from scratch needs larger steps than the prompt encoder "
+        f"(--lr {lr:g}); {HEAD_LR:g} was best or near best on every dev split tried",
+    )
+
+
+STEPS_MIN, STEPS_MAX = 300, 1000  # default budget: one epoch, within these bounds
+
+
+def steps(n_examples: int, batch_size: int) -> Choice:
+    """Optimisation steps when neither --steps nor --epochs is given."""
+    epoch = -(-n_examples // batch_size)
+    value = min(max(epoch, STEPS_MIN), STEPS_MAX)
+    if value == epoch:
+        why = f"one epoch ({n_examples} records / batch {batch_size})"
+    elif value == STEPS_MIN:
+        why = f"at least {STEPS_MIN} steps ({value * batch_size / n_examples:.1f} epochs)"
+    else:
+        why = f"at most {STEPS_MAX} steps ({value * batch_size / n_examples:.2f} of an epoch)"
+    return Choice(value, why)
+
+
+def carve_dev(n: int, seed: int, strata: list[str] | None = None) -> tuple[list[int], list[int]]:
+    """(train indices, dev indices) of ``n`` records: a seeded slice of ``DEV_FRACTION``,
+    at most ``DEV_CAP``, stratified by ``strata`` (each record's label) when given.
+
+    Stratified, each label gives the same share of its records and keeps at least one
+    for training. No dev split (``[]``) when it would hold fewer than ``DEV_MIN`` records.
+    """
+    want = min(round(DEV_FRACTION * n), DEV_CAP)
+    rng = random.Random(seed)
+    if strata is None:
+        dev = rng.sample(range(n), want)
+    else:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, label in enumerate(strata):
+            groups[label].append(i)
+        dev = []
+        for label in sorted(groups):
+            idx = groups[label]
+            rng.shuffle(idx)
+            dev += idx[: min(round(len(idx) * want / n), len(idx) - 1)]
+    if len(dev) < DEV_MIN:
+        return list(range(n)), []
+    chosen = set(dev)
+    return [i for i in range(n) if i not in chosen], sorted(dev)

@@ -1,0 +1,145 @@
+"""ptedge.defaults: the values training chooses when the user does not, and the dev split
+carved from --train (stratified, seeded, recorded in the run folder)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from conftest import write_jsonl
+
+from ptedge import defaults
+from ptedge.config import RunConfig
+from ptedge.data import read_records
+
+# -- the carve-out itself (no model) -------------------------------------------------------
+
+
+def test_carved_dev_is_stratified_and_keeps_every_label_in_train():
+    labels = ["a"] * 600 + ["b"] * 300 + ["c"] * 97 + ["rare"] * 3
+    train, dev = defaults.carve_dev(len(labels), seed=0, strata=labels)
+    assert sorted(train + dev) == list(range(len(labels)))  # a partition
+    got = Counter(labels[i] for i in dev)
+    assert got == {"a": 60, "b": 30, "c": 10}  # each label's 10%; "rare" gives round(0.3)=0
+    assert {labels[i] for i in train} == set(labels)
+
+
+def test_a_label_with_one_record_stays_in_train():
+    labels = ["x"] * 300 + ["single"]
+    train, dev = defaults.carve_dev(len(labels), seed=0, strata=labels)
+    assert "single" not in {labels[i] for i in dev}
+    assert "single" in {labels[i] for i in train}
+
+
+def test_carve_is_seeded():
+    labels = [str(i % 7) for i in range(700)]
+    assert defaults.carve_dev(700, 1, labels) == defaults.carve_dev(700, 1, labels)
+    assert defaults.carve_dev(700, 1, labels)[1] != defaults.carve_dev(700, 2, labels)[1]
+
+
+def test_carve_is_capped_and_skipped_when_too_small():
+    _, dev = defaults.carve_dev(50_000, 0, None)
+    assert len(dev) == defaults.DEV_CAP
+    assert defaults.carve_dev(150, 0, None) == (list(range(150)), [])  # 15 < DEV_MIN
+
+
+def test_pool_follows_a_sentence_transformers_config(tmp_path):
+    assert defaults.pool(tmp_path).value == "mean"
+    assert "1_Pooling" not in defaults.pool(tmp_path).why
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(
+        json.dumps({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False})
+    )
+    assert defaults.sentence_transformers_pooling(tmp_path) == "mean"
+    assert "1_Pooling" in defaults.pool(tmp_path).why
+
+
+def test_default_steps_are_one_epoch_within_bounds():
+    assert defaults.steps(16_000, 32).value == 500
+    assert defaults.steps(640, 16).value == defaults.STEPS_MIN
+    assert defaults.steps(60_000, 16).value == defaults.STEPS_MAX
+    assert "epoch" in defaults.steps(640, 16).why
+
+
+# -- through training (tiny backbone) ------------------------------------------------------
+
+
+@pytest.fixture
+def intents(tmp_path):
+    """300 records, 3 intents of unequal size."""
+    texts = {
+        "card": "my card has not arrived yet",
+        "film": "the movie was great",
+        "lang": "the official language of france is french",
+    }
+    recs = [
+        {"text": f"{texts[lab]} {i}", "intent": lab}
+        for lab, n in (("card", 150), ("film", 100), ("lang", 50))
+        for i in range(n)
+    ]
+    return write_jsonl(tmp_path / "intents.jsonl", recs)
+
+
+def _train(tiny, data, out, **kw):
+    from ptedge.train import TrainArgs, train
+
+    kw.setdefault("steps", 2)
+    args = TrainArgs(
+        model=str(tiny("bert")),
+        train=str(data),
+        template="[P:2] {text} [MASK]",
+        label_field="intent",
+        head="linear",
+        batch_size=4,
+        out=str(out),
+        **kw,
+    )
+    return train(args, progress=False)
+
+
+def test_training_without_dev_carves_and_records_it(tiny, intents, tmp_path):
+    out = tmp_path / "run"
+    _train(tiny, intents, out, seed=5)
+    cfg = RunConfig.load(out)
+    split = cfg.dev_split
+    assert split["source"] == "carved" and split["seed"] == 5
+    assert split["stratified_by"] == "intent" and split["n"] == 30 and split["of"] == 300
+    assert cfg.dev_file == str((out / "dev.jsonl").resolve())
+    dev = read_records(cfg.dev_file)
+    assert Counter(r["intent"] for r in dev) == {"card": 15, "film": 10, "lang": 5}
+    assert set(cfg.defaults) == {"pool", "head_lr"}  # --steps given: not a default
+    assert cfg.defaults["pool"]["value"] == "mean" and cfg.pool == "mean"
+    assert cfg.defaults["head_lr"]["value"] == cfg.head_lr == defaults.HEAD_LR
+    assert cfg.best["dev_n"] == 30  # selection ran on the carved split
+
+
+def test_carved_dev_records_are_not_trained_on(tiny, intents, tmp_path, monkeypatch):
+    import ptedge.train as tr
+
+    seen = []
+    real = tr.Job.loss
+
+    def spy(self, records, targets):
+        seen.extend(r["text"] for r in records)
+        return real(self, records, targets)
+
+    monkeypatch.setattr(tr.Job, "loss", spy)
+    out = tmp_path / "run"
+    _train(tiny, intents, out, steps=80)  # 320 draws from 270 training records
+    dev = {r["text"] for r in read_records(out / "dev.jsonl")}
+    assert seen and not dev & set(seen)
+
+
+def test_dev_none_opts_out(tiny, intents, tmp_path):
+    out = tmp_path / "run"
+    cfg = _train(tiny, intents, out, dev="none")
+    assert cfg.dev_split["source"] == "none" and cfg.dev_file is None
+    assert not (out / "dev.jsonl").exists()
+
+
+def test_given_values_are_not_defaults(tiny, intents, tmp_path):
+    cfg = _train(tiny, intents, tmp_path / "run", pool="slot", head_lr=0.2, steps=None)
+    assert cfg.pool == "slot" and cfg.head_lr == 0.2
+    assert cfg.defaults["pool"]["why"] == "--pool"
+    assert cfg.defaults["steps"]["value"] == cfg.steps == defaults.STEPS_MIN
