@@ -286,12 +286,39 @@ def _is_bundle(path: str) -> bool:
 @click.option(
     "--force", is_flag=True, help="Replace a non-empty --out; write int8 even past --max-drop."
 )
+@click.option(
+    "--reject",
+    "reject_file",
+    help="Records that belong to no label (e.g. out-of-scope queries): fit a probability "
+    "threshold below which predict answers label null.",
+)
+@click.option(
+    "--reject-max-drop",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="In-scope dev accuracy points the rejection threshold may cost.",
+)
 @_user_errors
-def export_cmd(runs, out, quantize, eval_file, eval_max, max_drop, fmt, dtype, force) -> None:
+def export_cmd(
+    runs,
+    out,
+    quantize,
+    eval_file,
+    eval_max,
+    max_drop,
+    fmt,
+    dtype,
+    force,
+    reject_file,
+    reject_max_drop,
+) -> None:
     """Fuse the prompts of RUNS into the backbone and write an ONNX bundle.
 
     Several runs on one backbone make one multi-task bundle (tasks named after the run
-    folders). Every export checks onnxruntime against PyTorch on real records.
+    folders). Every export checks onnxruntime against PyTorch on real records, and
+    calibrates the shipped model's scores with a temperature fitted on each run's dev
+    records (--eval FILE instead), so `score` is a probability you can threshold.
     """
     from ptedge.export import ExportArgs, export
 
@@ -306,6 +333,8 @@ def export_cmd(runs, out, quantize, eval_file, eval_max, max_drop, fmt, dtype, f
             force=force,
             format=fmt,
             dtype=dtype,
+            reject=reject_file,
+            reject_max_drop=reject_max_drop,
         )
     )
     click.echo(

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from ptedge.calibration import ece, probabilities
 from ptedge.config import BUNDLE_FORMAT_VERSION, BUNDLE_MANIFEST, read_json
 from ptedge.template import encode, load_tokenizer, record_fields
 
@@ -72,9 +73,14 @@ def load_manifest(bundle: str | Path, verify: bool = True) -> dict:
     return m
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+def _temperature(spec: dict) -> float:
+    """The task's calibration temperature (1 for bundles without one)."""
+    return float((spec.get("calibration") or {}).get("temperature", 1.0))
+
+
+def _threshold(spec: dict) -> float:
+    """Top probability below which a record is rejected (0: never)."""
+    return float((spec.get("reject") or {}).get("threshold", 0.0))
 
 
 class Predictor:
@@ -202,7 +208,8 @@ class Predictor:
         if spec["kind"] == "generate":
             return self.generate(records, name, batch_size=batch_size)
         scores, truncated = self.scores(records, name, batch_size)
-        probs = _softmax(scores.astype(np.float64))
+        probs = probabilities(scores, _temperature(spec))
+        threshold = _threshold(spec)
         results = []
         if spec["kind"] == "classify":
             labels = spec["labels"]
@@ -210,7 +217,7 @@ class Predictor:
                 probs.tolist(), probs.argmax(-1).tolist(), truncated, strict=True
             ):
                 r = {
-                    "label": labels[best],
+                    "label": labels[best] if row[best] >= threshold else None,
                     "score": row[best],
                     "scores": dict(zip(labels, row, strict=True)),
                 }
@@ -220,7 +227,7 @@ class Predictor:
                 top = np.argsort(-p)[:TOP_K]
                 words = [self.tokenizer.decode([int(i)]).strip() for i in top]
                 r = {
-                    "label": words[0],
+                    "label": words[0] if p[top[0]] >= threshold else None,
                     "score": float(p[top[0]]),
                     "token_id": int(top[0]),
                     "top_k": [
@@ -232,7 +239,14 @@ class Predictor:
         return results
 
     def evaluate(self, records, task: str | None = None, batch_size: int = 32) -> dict:
-        """{"accuracy", "n", "skipped"} on labelled records (same counting as training)."""
+        """{"accuracy", "n", "skipped", "ece"} on labelled records (same counting as
+        training; ``ece`` of the calibrated top-label confidences).
+
+        With a rejection threshold, a record whose label is none of the task's is out of
+        scope: it counts as right when rejected, and the result adds ``in_scope_accuracy``
+        (rejected in-scope records count as wrong), ``oos_recall`` (the share of
+        out-of-scope records rejected), ``n_in_scope``, ``n_oos`` and ``rejected``.
+        """
         from ptedge.targets import accuracy, class_targets, vocab_targets
 
         name, spec = self.task(task)
@@ -242,11 +256,34 @@ class Predictor:
 
             texts = [r["text"] for r in self.generate(records, name, batch_size=batch_size)]
             return exact_match(texts, labels_of(records, spec["label_field"]))
+        threshold = _threshold(spec)
         if spec["kind"] == "classify":
-            targets = class_targets(records, spec["label_field"], spec["labels"])
+            targets = class_targets(
+                records, spec["label_field"], spec["labels"], unknown_ok=threshold > 0
+            )
         else:
             targets = vocab_targets(records, spec["label_field"], spec["template"], self.tokenizer)
         keep = [i for i, t in enumerate(targets) if t is not None]
         scores, _ = self.scores([records[i] for i in keep], name, batch_size)
-        pred = scores.argmax(-1).tolist() if keep else []
-        return accuracy(pred, [targets[i] for i in keep]) | {"skipped": len(targets) - len(keep)}
+        probs = probabilities(scores, _temperature(spec))
+        gold = np.array([targets[i] for i in keep], dtype=np.int64)  # -1: out of scope
+        pred = probs.argmax(-1) if keep else np.zeros(0, np.int64)
+        top = probs.max(-1) if keep else np.zeros(0)
+        skipped = len(targets) - len(keep)
+        inside = gold >= 0
+        result = {"ece": ece(top[inside], pred[inside] == gold[inside])}
+        if not threshold:
+            return accuracy(pred.tolist(), gold.tolist()) | {"skipped": skipped} | result
+        rejected = top < threshold
+        right = np.where(inside, (pred == gold) & ~rejected, rejected)
+        n_in, n_oos = int(inside.sum()), int((~inside).sum())
+        return {
+            "accuracy": float(right.mean()) if len(right) else 0.0,
+            "n": len(right),
+            "skipped": skipped,
+            "in_scope_accuracy": float(right[inside].mean()) if n_in else None,
+            "n_in_scope": n_in,
+            "oos_recall": float(rejected[~inside].mean()) if n_oos else None,
+            "n_oos": n_oos,
+            "rejected": float(rejected.mean()) if len(right) else 0.0,
+        } | result

@@ -16,13 +16,19 @@ from ptedge.data import DataError, Records, labels_of
 from ptedge.template import answer_ids
 
 
-def class_targets(records: Records | list[dict], label_field: str, labels: list[str]) -> list[int]:
-    """Index of each record's label in ``labels``; an unknown label is a DataError."""
+def class_targets(
+    records: Records | list[dict], label_field: str, labels: list[str], unknown_ok: bool = False
+) -> list[int]:
+    """Index of each record's label in ``labels``; an unknown label is a DataError, or -1
+    (out of scope) with ``unknown_ok``."""
     index = {lab: i for i, lab in enumerate(labels)}
     out: list[int] = []
     lines = getattr(records, "lines", None) or range(1, len(records) + 1)
     path = getattr(records, "path", "<records>")
     for line, lab in zip(lines, labels_of(records, label_field), strict=True):
+        if lab not in index and unknown_ok:
+            out.append(-1)
+            continue
         if lab not in index:
             shown = ", ".join(labels[:8]) + (", ..." if len(labels) > 8 else "")
             raise DataError(

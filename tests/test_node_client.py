@@ -198,6 +198,27 @@ def test_node_matches_python_on_tiny_backbones(tiny, node_client, tmp_path, case
         assert_same(run_node(node_client, bundle, records, batch_size=batch_size), python, records)
 
 
+def test_node_applies_calibration_and_rejection_like_python(tiny, node_client, tmp_path):
+    """The manifest's temperature and threshold (docs/bundle-format.md §7): the same
+    probabilities and the same null labels in Node as in Python."""
+    records = _records()
+    data = write_jsonl(tmp_path / "train.jsonl", records * 2)
+    run = _train(tiny, "bert", data, tmp_path / "calib", "[P:2] {sentence} [MASK]", head="linear")
+    bundle = tmp_path / "bundle"
+    export(ExportArgs(runs=[str(run)], out=str(bundle), eval_file=str(data)))
+    manifest = json.loads((bundle / "ptedge.json").read_text())
+    task = manifest["tasks"]["calib"]
+    assert task["calibration"]["temperature"] > 0
+    task["calibration"]["temperature"] = 3.7  # far from 1, so a client that ignores it fails
+    (bundle / "ptedge.json").write_text(json.dumps(manifest))
+    scores = sorted(r["score"] for r in Predictor(bundle).predict(records))
+    task["reject"] = {"threshold": scores[len(scores) // 2]}  # half the records rejected
+    (bundle / "ptedge.json").write_text(json.dumps(manifest))
+    python = Predictor(bundle).predict(records)
+    assert 0 < sum(r["label"] is None for r in python) < len(records)
+    assert_same(run_node(node_client, bundle, records), python, records)
+
+
 def test_node_open_vocabulary_gpt2(tiny, node_client, tmp_path):
     """An lm head without verbalizer: scores over the vocabulary, ids decoded to words."""
     facts = [

@@ -206,10 +206,11 @@ function toFeeds(c, rows) {
   };
 }
 
-function softmax(row) {
+// §7: probabilities = softmax(scores / temperature); temperature 1 without calibration.
+function softmax(row, temperature) {
   let max = -Infinity;
-  for (const v of row) max = Math.max(max, v);
-  const e = Array.from(row, (v) => Math.exp(v - max));
+  for (const v of row) max = Math.max(max, v / temperature);
+  const e = Array.from(row, (v) => Math.exp(v / temperature - max));
   const sum = e.reduce((a, b) => a + b, 0);
   return e.map((v) => v / sum);
 }
@@ -219,24 +220,27 @@ const PY_WS = "[\\t\\n\\v\\f\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u20
 const PY_STRIP = new RegExp(`^${PY_WS}+|${PY_WS}+$`, "gu");
 const pyStrip = (s) => s.replace(PY_STRIP, "");
 
-// §7: scores -> output records.
+// §7: scores -> output records; below the rejection threshold the label is null.
 function results(spec, tok, scores, rows) {
   const [B, W] = scores.dims;
+  const temperature = spec.calibration?.temperature ?? 1;
+  const threshold = spec.reject?.threshold ?? 0;
   const out = [];
   for (let b = 0; b < B; b++) {
-    const p = softmax(scores.data.subarray(b * W, (b + 1) * W));
+    const p = softmax(scores.data.subarray(b * W, (b + 1) * W), temperature);
     let r;
     if (spec.kind === "classify") {
       let best = 0;
       for (let i = 1; i < W; i++) if (p[i] > p[best]) best = i;
       const all = {};
       spec.labels.forEach((lab, i) => (all[lab] = p[i]));
-      r = { label: spec.labels[best], score: p[best], scores: all };
+      r = { label: p[best] >= threshold ? spec.labels[best] : null, score: p[best], scores: all };
     } else {
       const top = [...p.keys()].sort((i, j) => p[j] - p[i] || i - j).slice(0, TOP_K);
       const word = (i) => pyStrip(tok.decode([i], { skip_special_tokens: true }));
       const topK = top.map((i) => ({ label: word(i), score: p[i], token_id: i }));
-      r = { label: topK[0].label, score: topK[0].score, token_id: top[0], top_k: topK };
+      const label = topK[0].score >= threshold ? topK[0].label : null;
+      r = { label, score: topK[0].score, token_id: top[0], top_k: topK };
     }
     if (rows[b].truncated) r.truncated = rows[b].truncated;
     out.push(r);

@@ -11,6 +11,7 @@ One module per job, each importing only those listed before it (never back up):
   of KV-cache decoders;
 - ``quantize``: int8 recipes and the accuracy guard that decides which one ships;
 - ``bundle``: the manifest, file hashes, atomic writing;
+- ``calibrate``: the temperature and rejection threshold fitted on the shipped model;
 - ``pipeline``: ``ptedge export`` itself (``ExportArgs``, ``export``), re-exported here.
 
 Importing this package loads nothing heavy; ``ExportArgs`` and ``export`` load torch on

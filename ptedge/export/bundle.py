@@ -73,9 +73,10 @@ def task_entry(run) -> dict:
     }
 
 
-def write_manifest(folder: Path, runs, **entries) -> dict:
+def write_manifest(folder: Path, runs, task_extra: dict[str, dict], **entries) -> dict:
     """Copy the tokenizer in, then write ``ptedge.json`` with ``entries`` (model, io,
-    parity, dtype, quantization, ort), the backbone, the tasks and every file's sha256."""
+    parity, dtype, quantization, ort), the backbone, the tasks (with ``task_extra[name]``
+    merged in: calibration, rejection) and every file's sha256."""
     cfg0 = runs[0].cfg
     shutil.copy(Path(cfg0.model) / "tokenizer.json", folder / "tokenizer.json")
     manifest = {
@@ -89,7 +90,7 @@ def write_manifest(folder: Path, runs, **entries) -> dict:
             "causal": cfg0.causal,
         },
         "tokenizer": "tokenizer.json",
-        "tasks": {r.name: task_entry(r) for r in runs},
+        "tasks": {r.name: task_entry(r) | task_extra.get(r.name, {}) for r in runs},
         **entries,
     }
     manifest["files"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}

@@ -5,7 +5,8 @@ The steps, each in its own module of ``ptedge.export``: load the runs on one bac
 fused PyTorch graph (``parity``), export ONNX (``task_graph``, or ``decoder`` for
 ``--head generate``), check onnxruntime against PyTorch on real records (``parity``),
 then optionally int8 under an accuracy guard (``quantize``) or fp16 for GPUs (``half``,
-checked again), ORT format for mobile (``mobile``), and write the bundle atomically
+checked again), calibrate the shipped model's scores and fit a rejection threshold
+(``calibrate``), ORT format for mobile (``mobile``), and write the bundle atomically
 (``bundle``).
 
 Not responsible for: how any one step is done; training; the runtime.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptedge.export.bundle import atomic_folder, check_out, store_weights_apart, write_manifest
+from ptedge.export.calibrate import calibrate, check_inputs
 from ptedge.export.decoder import export_decoder
 from ptedge.export.half import convert_to_fp16, fp16_tolerance
 from ptedge.export.parity import check_fused, check_generation_parity, check_parity
@@ -43,6 +45,8 @@ class ExportArgs:
     force: bool = False
     format: str = "onnx"  # onnx | ort (also model.ort + operator config, for mobile)
     dtype: str = "fp32"  # fp32 | fp16 (for GPUs; exclusive with quantize)
+    reject: str | None = None  # records of no label: fit a rejection threshold
+    reject_max_drop: float = 1.0  # in-scope dev accuracy points rejection may cost
 
 
 def _log(msg: str) -> None:
@@ -65,6 +69,7 @@ def export(args: ExportArgs) -> dict:
     """Run ``ptedge export``; returns the manifest written to ``args.out``."""
     _check_args(args)
     runs, _ = load_runs(args.runs)
+    check_inputs(runs, args.eval_file, args.reject)
     samples = [parity_records(r, args.eval_file) for r in runs]
     _log(
         f"fusing {len(runs)} task(s): "
@@ -120,6 +125,10 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
         else:
             parity = check_parity(s, runs, samples, fp16_tolerance)
         del s
+    _log("calibrating scores on dev records (temperature scaling) ...")
+    extra = calibrate(
+        session(tmp / model_file), runs, args.eval_file, args.reject, args.reject_max_drop
+    )
     store_weights_apart(tmp / model_file)
     ort_entry = None
     if args.format == "ort":
@@ -137,6 +146,7 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
         dtype=args.dtype,
         quantization=quant,
         ort=ort_entry,
+        task_extra=extra,
     )
     size = sum(p.stat().st_size for p in tmp.iterdir()) / 1e6
     _log(f"bundle: {model_file}, {size:.1f} MB")

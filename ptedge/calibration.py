@@ -1,0 +1,105 @@
+"""Confidence users can threshold: temperature scaling, calibration error, and the
+probability threshold below which a record is rejected as out of scope.
+
+- ``fit_temperature``: the T that minimises the negative log-likelihood of
+  ``softmax(scores / T)`` on labelled dev records (Guo et al., 2017). It divides every
+  score by one number, so no label changes; only how sure the scores say they are.
+- ``ece``: expected calibration error, the gap between confidence and accuracy averaged
+  over equal-width confidence bins, weighted by how many records fall in each.
+- ``rejection_threshold``: the largest top probability a record may fall below and be
+  rejected (``label: null``) while in-scope dev accuracy loses at most a stated number
+  of points.
+
+``probabilities`` is the one place that turns scores into the probabilities every
+client reports (``docs/bundle-format.md`` §7 says the same for other languages).
+
+Torch-free: numpy only, so the runtime uses it. Not responsible for: producing scores,
+choosing which records to fit on (``ptedge.export``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ECE_BINS = 15
+T_MIN, T_MAX = 0.05, 20.0  # temperatures searched (log-uniform bisection)
+
+
+def probabilities(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """softmax(scores / temperature) over the last axis, in float64. scores: (N, L)."""
+    x = np.asarray(scores, dtype=np.float64) / temperature
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _nll_slope(scores: np.ndarray, targets: np.ndarray, beta: float) -> float:
+    """d/dbeta of the mean NLL of softmax(beta * scores): E_p[s] - s_gold, averaged."""
+    p = probabilities(scores * beta)
+    expected = (p * scores).sum(-1)  # (N,)
+    return float(np.mean(expected - scores[np.arange(len(targets)), targets]))
+
+
+def fit_temperature(scores: np.ndarray, targets: np.ndarray) -> float:
+    """The temperature minimising the NLL of ``softmax(scores / T)``; scores (N, L) float,
+    targets (N,) gold column indices. The NLL is convex in 1/T, so bisection on the sign
+    of its slope finds the minimum (clipped to [T_MIN, T_MAX])."""
+    s = np.asarray(scores, dtype=np.float64)
+    t = np.asarray(targets, dtype=np.int64)
+    if len(t) == 0:
+        raise ValueError("no labelled records to fit a temperature on")
+    lo, hi = np.log(1 / T_MAX), np.log(1 / T_MIN)  # log beta
+    if _nll_slope(s, t, np.exp(lo)) >= 0:
+        return T_MAX
+    if _nll_slope(s, t, np.exp(hi)) <= 0:
+        return T_MIN
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if _nll_slope(s, t, np.exp(mid)) < 0:
+            lo = mid
+        else:
+            hi = mid
+    return float(1 / np.exp((lo + hi) / 2))
+
+
+def nll(scores: np.ndarray, targets: np.ndarray, temperature: float = 1.0) -> float:
+    p = probabilities(scores, temperature)[np.arange(len(targets)), targets]
+    return float(-np.mean(np.log(np.maximum(p, 1e-300))))
+
+
+def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error of top-label confidences (N,) against correctness (N,)."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    if len(conf) == 0:
+        return 0.0
+    which = np.minimum((conf * bins).astype(np.int64), bins - 1)  # bin of each record
+    total = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            total += inside.sum() * abs(conf[inside].mean() - ok[inside].mean())
+    return float(total / len(conf))
+
+
+def rejection_threshold(confidence: np.ndarray, correct: np.ndarray, max_drop: float) -> float:
+    """The largest threshold t such that in-scope accuracy, counting records with top
+    probability < t as wrong (rejected), is at most ``max_drop`` points below accuracy
+    without rejection. confidence, correct: (N,) over in-scope dev records."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=bool)
+    if len(conf) == 0:
+        raise ValueError("no in-scope records to choose a rejection threshold on")
+    floor = ok.mean() - max_drop / 100
+    # rejecting below t = conf[k] (sorted ascending) loses the correct records under it
+    order = np.argsort(conf, kind="stable")
+    conf, ok = conf[order], ok[order]
+    lost = np.concatenate([[0], np.cumsum(ok)])  # lost[k] = correct records below conf[k]
+    best = 0.0
+    for k in range(len(conf)):
+        if k and conf[k] == conf[k - 1]:
+            continue  # a threshold rejects every record with a lower probability
+        if (ok.sum() - lost[k]) / len(conf) >= floor - 1e-12:
+            best = float(conf[k])
+        else:
+            break
+    return best

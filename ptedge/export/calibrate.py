@@ -1,0 +1,148 @@
+"""Calibration and out-of-scope rejection, fitted at export on the model that ships.
+
+For each task with labels (or open vocabulary), the shipped graph (fp32, int8 or fp16:
+whatever the bundle will run) scores the task's dev records; a temperature is fitted on
+them (``ptedge.calibration``), and with ``--reject FILE`` a probability threshold is
+chosen that keeps in-scope dev accuracy within ``--reject-max-drop`` points, its
+out-of-scope recall measured on FILE. Both go into the task's manifest entry, which
+every client applies (``docs/bundle-format.md`` §7).
+
+Dev records: ``--eval FILE`` if given, else the run's dev split (given at training, or
+carved from --train). A run trained with ``--dev none`` and exported without ``--eval``
+has no held-out records, and its scores are left uncalibrated (fitting on training
+records would make them look surer than they are).
+
+Not responsible for: the arithmetic (``ptedge.calibration``), writing the manifest.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ptedge import calibration
+from ptedge.data import Records, read_records, require_fields
+from ptedge.export.bundle import sha256_file
+from ptedge.export.scoring import onnx_scores
+from ptedge.targets import class_targets, vocab_targets
+from ptedge.template import record_fields
+
+CALIBRATION_MAX = 2000  # dev records a temperature is fitted on
+BATCH = 32
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _source(path: str) -> dict:
+    """What the manifest says of a data file: its name and sha256, never its path."""
+    return {"file": Path(path).name, "sha256": sha256_file(Path(path))}
+
+
+def dev_file(run, eval_file: str | None) -> str | None:
+    """The held-out records a task is calibrated on, or None."""
+    return eval_file or run.cfg.dev_file
+
+
+def scores_of(session, run, records: list[dict]) -> np.ndarray:
+    """Scores (N, L|V) of ``records`` from the shipped session, in batches."""
+    parts = [
+        onnx_scores(session, run, records[i : i + BATCH]) for i in range(0, len(records), BATCH)
+    ]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def _labelled(run, path: str) -> tuple[list[dict], np.ndarray]:
+    """Up to CALIBRATION_MAX records of ``path`` spread over the file, with gold indices
+    (open-vocabulary records whose answer is not one token are left out)."""
+    recs = read_records(path)
+    if len(recs) > CALIBRATION_MAX:
+        idx = np.linspace(0, len(recs) - 1, CALIBRATION_MAX).astype(int)
+        recs = Records(recs.path, [recs[i] for i in idx], [recs.lines[i] for i in idx])
+    if run.cfg.labels is None:
+        targets = vocab_targets(recs, run.cfg.label_field, run.compiled, run.tok)
+    else:
+        targets = class_targets(recs, run.cfg.label_field, run.cfg.labels)
+    keep = [i for i, t in enumerate(targets) if t is not None]
+    return [recs[i] for i in keep], np.array([targets[i] for i in keep], dtype=np.int64)
+
+
+def check_inputs(runs, eval_file: str | None, reject_file: str | None) -> None:
+    """Before any work: the files exist and hold the fields the tasks need."""
+    for path, what in ((eval_file, "--eval"), (reject_file, "--reject")):
+        if path is None:
+            continue
+        recs = read_records(path)
+        for run in runs:
+            need = record_fields(run.compiled)
+            if what == "--eval":
+                need = need + [run.cfg.label_field]
+            require_fields(recs, need, reason=f"task {run.name} needs it")
+    if reject_file and not any(r.cfg.labels for r in runs):
+        raise ValueError("--reject needs a task with labels (classification)")
+
+
+def calibrate(session, runs, eval_file: str | None, reject_file: str | None, max_drop: float):
+    """Per task name: ``{"calibration": ..., "reject": ...}`` manifest entries (None where
+    not fitted), from the shipped ``session``."""
+    entries = {}
+    for run in runs:
+        entry = {"calibration": None, "reject": None}
+        entries[run.name] = entry
+        path = dev_file(run, eval_file)
+        if run.cfg.head == "generate":
+            continue
+        if path is None:
+            _log(
+                f"calibration {run.name}: no held-out records (trained with --dev none; give "
+                "--eval FILE): scores left uncalibrated"
+            )
+            continue
+        recs, targets = _labelled(run, path)
+        scores = scores_of(session, run, recs)
+        t = calibration.fit_temperature(scores, targets)
+        raw, cal = calibration.probabilities(scores), calibration.probabilities(scores, t)
+        correct = cal.argmax(-1) == targets
+        entry["calibration"] = {
+            "temperature": t,
+            "data": {**_source(path), "n": len(recs)},
+            "ece_before": calibration.ece(raw.max(-1), correct),
+            "ece_after": calibration.ece(cal.max(-1), correct),
+            "nll_before": calibration.nll(scores, targets),
+            "nll_after": calibration.nll(scores, targets, t),
+        }
+        c = entry["calibration"]
+        _log(
+            f"calibration {run.name}: temperature {t:.3f} on {len(recs)} dev records, "
+            f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}"
+        )
+        if reject_file and run.cfg.labels:
+            entry["reject"] = _reject(session, run, reject_file, cal.max(-1), correct, t, max_drop)
+    return entries
+
+
+def _reject(session, run, reject_file: str, conf, correct, temperature: float, max_drop: float):
+    """The rejection threshold on in-scope dev confidences, and its out-of-scope recall."""
+    threshold = calibration.rejection_threshold(conf, correct, max_drop)
+    oos = read_records(reject_file)
+    oos_conf = calibration.probabilities(scores_of(session, run, oos), temperature).max(-1)
+    kept = correct & (conf >= threshold)
+    recall = float(np.mean(oos_conf < threshold))
+    _log(
+        f"rejection {run.name}: threshold {threshold:.4f}; dev in-scope accuracy "
+        f"{correct.mean():.4f} -> {kept.mean():.4f} (at most {max_drop:g} points lost), "
+        f"out-of-scope recall {recall:.4f} on {len(oos)} records of {Path(reject_file).name}"
+    )
+    return {
+        "threshold": threshold,
+        "max_drop_points": max_drop,
+        "dev": {
+            "n": len(conf),
+            "accuracy": float(correct.mean()),
+            "accuracy_kept": float(kept.mean()),
+        },
+        "out_of_scope": {**_source(reject_file), "n": len(oos), "recall": recall},
+    }

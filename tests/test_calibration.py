@@ -1,0 +1,167 @@
+"""Calibrated confidence and out-of-scope rejection: the arithmetic (ptedge.calibration),
+the export that fits them on the shipped model, and the runtime that applies them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ptedge import calibration
+
+# -- arithmetic ----------------------------------------------------------------------------
+
+
+def _sampled(t_true: float, n: int = 20_000, labels: int = 5, seed: int = 0):
+    """Scores and labels drawn so that softmax(scores / t_true) is exactly calibrated."""
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(0, 3, size=(n, labels))
+    p = calibration.probabilities(scores, t_true)
+    gold = np.array([rng.choice(labels, p=row) for row in p])
+    return scores, gold
+
+
+@pytest.mark.parametrize("t_true", [0.5, 1.0, 2.5])
+def test_fit_recovers_the_temperature_that_generated_the_labels(t_true):
+    scores, gold = _sampled(t_true)
+    assert calibration.fit_temperature(scores, gold) == pytest.approx(t_true, rel=0.08)
+
+
+def test_temperature_scaling_lowers_nll_and_ece_of_overconfident_scores():
+    scores, gold = _sampled(2.5)
+    t = calibration.fit_temperature(scores, gold)
+    before = calibration.probabilities(scores)
+    after = calibration.probabilities(scores, t)
+    assert calibration.nll(scores, gold, t) < calibration.nll(scores, gold)
+    correct = after.argmax(-1) == gold
+    assert (before.argmax(-1) == after.argmax(-1)).all()  # labels never change
+    assert calibration.ece(after.max(-1), correct) < 0.02 < calibration.ece(before.max(-1), correct)
+
+
+def test_ece_of_a_constant_confidence_is_its_gap_to_accuracy():
+    correct = np.array([1, 1, 1, 0] * 25, dtype=bool)
+    assert calibration.ece(np.full(100, 0.9), correct) == pytest.approx(0.15)
+    assert calibration.ece(np.full(100, 0.75), correct) == pytest.approx(0.0)
+
+
+def test_rejection_threshold_keeps_accuracy_within_the_stated_loss():
+    conf = np.array([0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])
+    correct = np.array([0, 1, 0, 1, 1, 1, 1, 1, 1, 1], dtype=bool)  # 8 of 10 right
+    # rejecting below 0.3 loses nothing (0.2 was wrong); below 0.4 loses one right record
+    assert calibration.rejection_threshold(conf, correct, max_drop=0) == 0.3
+    assert calibration.rejection_threshold(conf, correct, max_drop=10) == 0.5
+    assert calibration.rejection_threshold(conf, correct, max_drop=20) == 0.6
+
+
+# -- export and runtime (tiny backbone) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny, tmp_path_factory):
+    """A tiny linear-head bundle calibrated on a dev file, with a rejection threshold."""
+    pytest.importorskip("torch")
+    from conftest import write_jsonl
+
+    from ptedge.export import ExportArgs, export
+    from ptedge.train import TrainArgs, train
+
+    tmp = tmp_path_factory.mktemp("calib")
+    good = ["good fun for the whole family", "the movie was great", "wonderful actors"]
+    bad = ["a terrible boring film", "bad plot", "the film was terrible"]
+    recs = [{"sentence": s, "label": "pos"} for s in good] + [
+        {"sentence": s, "label": "neg"} for s in bad
+    ]
+    data = write_jsonl(tmp / "train.jsonl", recs * 3)
+    oos = write_jsonl(tmp / "oos.jsonl", [{"sentence": "paris london rome"}] * 4)
+    run = tmp / "run"
+    train(
+        TrainArgs(
+            model=str(tiny("bert")),
+            train=str(data),
+            template="[P:2] {sentence} [MASK]",
+            head="linear",
+            steps=20,
+            batch_size=4,
+            out=str(run),
+        ),
+        progress=False,
+    )
+    out = tmp / "bundle"
+    export(ExportArgs(runs=[str(run)], out=str(out), eval_file=str(data), reject=str(oos)))
+    return out, data, oos
+
+
+def test_manifest_carries_temperature_and_threshold_without_paths(bundle):
+    out, data, oos = bundle
+    task = json.loads((out / "ptedge.json").read_text())["tasks"]["run"]
+    cal, rej = task["calibration"], task["reject"]
+    assert cal["temperature"] > 0 and cal["data"]["file"] == "train.jsonl"
+    assert cal["data"]["n"] == 18 and len(cal["data"]["sha256"]) == 64
+    assert 0 < rej["threshold"] <= 1 and rej["out_of_scope"]["file"] == "oos.jsonl"
+    assert str(data.parent) not in json.dumps(task)
+
+
+def test_runtime_reports_calibrated_probabilities(bundle):
+    from ptedge.data import read_records
+    from ptedge.runtime import Predictor
+
+    out, data, _ = bundle
+    p = Predictor(out)
+    spec = p.tasks["run"]
+    records = list(read_records(data))
+    raw, _ = p.scores(records)
+    want = calibration.probabilities(raw, spec["calibration"]["temperature"])
+    got = p.predict(records)
+    for row, r in zip(want, got, strict=True):
+        assert r["score"] == pytest.approx(row.max(), abs=1e-12)
+        assert [r["scores"][lab] for lab in spec["labels"]] == pytest.approx(row.tolist())
+
+
+def test_a_record_below_the_threshold_comes_back_as_null(bundle):
+    from ptedge.data import read_records
+    from ptedge.runtime import Predictor
+
+    out, data, _ = bundle
+    p = Predictor(out)
+    records = list(read_records(data))
+    threshold = p.tasks["run"]["reject"]["threshold"]
+    for r in p.predict(records):
+        if r["score"] < threshold:
+            assert r["label"] is None
+        else:
+            assert r["label"] == max(r["scores"], key=r["scores"].get)
+    # raise the threshold above every probability: every record is rejected
+    p.tasks["run"]["reject"]["threshold"] = 1.01
+    assert {r["label"] for r in p.predict(records)} == {None}
+
+
+def test_evaluate_counts_out_of_scope_records(bundle):
+    from ptedge.data import read_records
+    from ptedge.runtime import Predictor
+
+    out, data, oos = bundle
+    p = Predictor(out)
+    ins = list(read_records(data))
+    outs = [{"sentence": r["sentence"], "label": "oos"} for r in read_records(oos)]
+    p.tasks["run"]["reject"]["threshold"] = 1.01  # reject everything
+    res = p.evaluate(ins + outs)
+    assert res["n_in_scope"] == 18 and res["n_oos"] == 4
+    assert res["in_scope_accuracy"] == 0.0 and res["oos_recall"] == 1.0
+    assert res["accuracy"] == pytest.approx(4 / 22)
+    p.tasks["run"]["reject"]["threshold"] = 0.0  # reject nothing: no out-of-scope counting
+    with pytest.raises(ValueError, match="not one of the task's labels"):
+        p.evaluate(outs)
+
+
+def test_reject_file_missing_a_field_fails_before_export(tiny, bundle, tmp_path):
+    from conftest import write_jsonl
+
+    from ptedge.export import ExportArgs, export
+
+    out, data, _ = bundle
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "no sentence field"}])
+    run = out.parent / "run"
+    with pytest.raises(ValueError, match="bad.jsonl:1: missing field 'sentence'"):
+        export(ExportArgs(runs=[str(run)], out=str(tmp_path / "b"), reject=str(bad)))
+    assert not (tmp_path / "b").exists()
