@@ -28,6 +28,8 @@ T_MIN, T_MAX = 0.05, 20.0  # temperatures searched (log-uniform bisection)
 def probabilities(scores: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """softmax(scores / temperature) over the last axis, in float64. scores: (N, L)."""
     x = np.asarray(scores, dtype=np.float64) / temperature
+    if x.size == 0:
+        return x
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
 

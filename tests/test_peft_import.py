@@ -204,7 +204,10 @@ def test_seq_cls_adapter_gives_peft_labels(sharp_bert, tmp_path, kind):
 
     preds = bundle_predictions(run, tmp_path / "bundle", records)
     assert [p["label"] for p in preds] == [names[i] for i in ref_labels]
-    probs = ref.softmax(-1)
+    # the bundle reports probabilities calibrated on the run's dev file (--data)
+    manifest = json.loads((tmp_path / "bundle" / "ptedge.json").read_text())
+    temperature = manifest["tasks"]["run"]["calibration"]["temperature"]
+    probs = (ref / temperature).softmax(-1)
     for p, row in zip(preds, probs, strict=True):
         assert p["scores"] == pytest.approx(dict(zip(names, row.tolist(), strict=True)), abs=1e-4)
 

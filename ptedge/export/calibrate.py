@@ -97,8 +97,8 @@ def calibrate(session, runs, eval_file: str | None, reject_file: str | None, max
             continue
         if path is None:
             _log(
-                f"calibration {run.name}: no held-out records (trained with --dev none; give "
-                "--eval FILE): scores left uncalibrated"
+                f"calibration {run.name}: the run has no dev split (give --eval FILE of "
+                "held-out records): scores left uncalibrated"
             )
             continue
         recs, targets = _labelled(run, path)
