@@ -85,6 +85,7 @@ def test_bench_quality_quick(tmp_path):
     shared_data("trex", "relations.jsonl")
     shared_data("sst2", "test.tsv")
     shared_data("banking77", "test.csv")
+    shared_data("clinc150", "oos_test.csv")
     data, md = _outputs(_bench("bench_quality.py", tmp_path), "quality")
     lama = data["lama"]
     assert len(lama["relations"]) == 2
@@ -98,10 +99,14 @@ def test_bench_quality_quick(tmp_path):
     sst = data["sst2"]
     for m in ("manual_fp32", "manual_int8", "ptedge_fp32", "ptedge_int8", "peft"):
         assert 0 <= sst[m]["accuracy"] <= 1, m
-    b77 = data["banking77"]
-    assert b77["chosen_pool"] in ("slot", "mean")
-    assert set(b77["dev_accuracy_by_pool"]) == {"slot", "mean"}
-    for m in ("ptedge_fp32", "ptedge_int8", "peft", "linear_probe"):
-        assert 0 <= b77[m]["accuracy"] <= 1, m
-    for heading in ("## LAMA", "## SST-2", "## BANKING77", "**macro**"):
+    for task in ("banking77", "clinc150", "sst2-minilm"):
+        r = data[task]
+        assert "--lr" not in r["command"] and "--pool" not in r["command"]  # defaults only
+        assert r["ptedge_run"]["defaults"]["pool"]["value"] == "mean"
+        for m in ("ptedge_fp32", "ptedge_int8", "peft", "linear_probe"):
+            assert 0 <= r[m]["accuracy"] <= 1, (task, m)
+        assert 0 <= r["ptedge_int8"]["ece_after"] <= 1
+    assert data["banking77"]["ptedge_run"]["dev_split"]["source"] == "carved"
+    assert 0 <= data["clinc150"]["ptedge_int8_oos"]["oos_recall"] <= 1
+    for heading in ("## LAMA", "## SST-2", "## all-MiniLM", "## CLINC150", "**macro**"):
         assert heading in md
