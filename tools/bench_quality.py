@@ -182,13 +182,13 @@ class Bench:
 
     @staticmethod
     def run_stats(run: Path) -> dict:
-        """Dev metrics of the kept prompt, and seconds per step from the run's metrics.jsonl:
+        """Dev metrics of the kept prompt, and seconds per step from the run's timing.jsonl:
         the median over its logging windows, since a window that follows a dev evaluation
         also holds that evaluation's time (ptedge.train resets its clock before evaluating)."""
         cfg = json.loads((run / "ptedge.json").read_text())
         rows = []
-        if (run / "metrics.jsonl").is_file():
-            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+        if (run / "timing.jsonl").is_file():
+            rows = [json.loads(x) for x in (run / "timing.jsonl").read_text().splitlines() if x]
         per_step = sorted(
             cfg["batch_size"] / r["samples_per_s"] for r in rows if "samples_per_s" in r
         )
