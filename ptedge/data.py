@@ -212,7 +212,7 @@ class RecordReader:
             if isinstance(text, DataError):
                 yield number, text
             elif text.strip():
-                yield number, _jsonl_record(text, self.name, number)
+                yield number, _jsonl_record(text.removesuffix("\n"), self.name, number)
 
     def _tsv(self) -> Iterator[tuple[int | None, dict[str, str] | list[str] | DataError]]:
         header: list[str] | None = None

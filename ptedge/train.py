@@ -28,6 +28,7 @@ import torch
 
 import ptedge
 from ptedge import checkpoint, defaults
+from ptedge.checks import check_records
 from ptedge.config import RunConfig
 from ptedge.data import Records, labels_of, read_records, require_fields, write_jsonl
 from ptedge.model import build_for_run, eos_id, is_causal, load_backbone
@@ -152,6 +153,24 @@ def evaluate(job: Job, records: Records, batch_size: int = 32) -> dict:
     keep = [i for i, t in enumerate(targets) if t is not None]
     preds = predict_ids(job, [records[i] for i in keep], batch_size)
     return accuracy(preds, [targets[i] for i in keep]) | {"skipped": len(targets) - len(keep)}
+
+
+def _check_data(args: TrainArgs, train: Records, dev: Records | None) -> None:
+    """Fields and labels of the data, before the backbone loads: every record has the
+    template's fields and a label; labels are the verbalizer's, and dev labels are
+    training labels for a linear head (its classes are the training labels)."""
+    known = list(args.verbalizer) if args.verbalizer and args.head != "linear" else None
+    for recs in (train, dev) if dev is not None else (train,):
+        check_records(
+            recs,
+            fields_of(args.template),
+            label_field=args.label_field,
+            labels=known,
+            needed_by="the template",
+        )
+    if dev is not None and args.head == "linear":
+        classes = sorted(set(labels_of(train, args.label_field)))
+        check_records(dev, [], label_field=args.label_field, labels=classes)
 
 
 def _labels_for(args: TrainArgs, head: str, train: Records) -> list[str] | None:
@@ -281,6 +300,7 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     train_recs = read_records(args.train)
     require_fields(train_recs, need, reason="template or --label-field needs it")
     dev_recs = _read_dev(args, need)
+    _check_data(args, train_recs, dev_recs)
 
     model_dir = Path(args.model).resolve()
     backbone = load_backbone(model_dir)
