@@ -3,8 +3,8 @@
 ``predict_stream`` reads records one at a time (``ptedge.data.RecordReader``), gathers
 them into chunks, predicts a chunk (``Predictor.predict`` sorts it by length into
 batches, for less padding) and writes its lines, in input order, before reading on.
-The first chunk is one batch, so the first line comes out at once; chunks then double
-up to ``CHUNK`` records. Memory holds one chunk, whatever the input's size.
+The first chunk is one record, so the first line comes out at once; then one batch,
+doubling up to ``CHUNK`` records. Memory holds one chunk, whatever the input's size.
 
 A broken record (unreadable, or lacking a field the template reads) is handled by the
 error policy: ``stop`` (default) writes every line before it, then raises its
@@ -88,16 +88,17 @@ def chunks(
     *,
     on_error: str,
     report: StreamReport,
-    first: int,
+    batch: int,
     most: int = CHUNK,
 ) -> Iterator[list[dict[str, str]]]:
-    """Good records in chunks of ``first``, then doubling up to ``most``, in input order.
+    """Good records in input order, in chunks of one record (its line comes out at once),
+    then of ``batch`` records, doubling up to ``most``.
 
     A broken record: with ``stop``, the chunk before it comes out, then its DataError is
     raised; with ``skip``, it is counted in ``report`` and left out.
     """
     pending: list[dict[str, str]] = []
-    size = max(1, first)
+    size = 1
     for line, record in reader:
         if not isinstance(record, DataError):
             missing = next((f for f in fields if f not in record), None)
@@ -118,7 +119,7 @@ def chunks(
         pending.append(record)
         if len(pending) >= size:
             yield pending
-            pending, size = [], min(2 * size, most)
+            pending, size = [], min(max(batch, 2 * size), most)
     if pending:
         yield pending
 
@@ -153,7 +154,7 @@ def predict_stream(
     report = StreamReport()
     progress = progress or Progress(enabled=False)
     try:
-        for chunk in chunks(reader, fields, on_error=on_error, report=report, first=batch_size):
+        for chunk in chunks(reader, fields, on_error=on_error, report=report, batch=batch_size):
             results = predictor.predict(chunk, name, batch_size)
             out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
             out.flush()
