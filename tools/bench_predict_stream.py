@@ -72,15 +72,15 @@ def write_records(path: Path, n: int, field: str, pool: list[str]) -> Path:
 
 def tiny_bundle(work: Path) -> Path:
     """A tiny random GPT-2 (tests/conftest.py) with a 2-label prompt on field ``text``."""
+    bundle = work / "tiny-bundle"
+    if (bundle / "ptedge.json").is_file():
+        return bundle
     sys.path.insert(0, str(bc.ROOT / "tests"))
     from conftest import build_tiny, write_jsonl
 
     from ptedge.export import ExportArgs, export
     from ptedge.train import TrainArgs, train
 
-    bundle = work / "tiny-bundle"
-    if (bundle / "ptedge.json").is_file():
-        return bundle
     model = build_tiny("gpt2", work / "tiny-gpt2")
     pool = texts()[:40]
     data = write_jsonl(
