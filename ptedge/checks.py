@@ -70,13 +70,29 @@ def check_task_records(spec: dict, records: Records, *, task: str, labelled: boo
     )
 
 
-def check_export_data(run_dirs: Sequence[str], eval_file: str | None, *, labelled: bool) -> None:
-    """Each run's export data (``--eval``, else its dev, else its train file) has the
-    fields its template reads and, when ``labelled`` (the int8 guard), its labels."""
+def check_export_data(
+    run_dirs: Sequence[str],
+    eval_file: str | None,
+    *,
+    quantize: bool,
+    reject_file: str | None = None,
+) -> None:
+    """Each run's data as ``ptedge export`` will read it: the parity records (``--eval``,
+    else the run's dev file, else its train file) have the template's fields; the records
+    calibration scores (``--eval``, else the dev file; not for ``generate``) and, with
+    ``quantize``, the int8 guard's (as parity) also labels the task knows; ``--reject``
+    records have the template's fields."""
     for d in run_dirs:
         cfg = RunConfig.load(d)
         name = Path(d).resolve().name
-        path = eval_file or cfg.dev_file or cfg.train_file
-        if not path:
+        parity = eval_file or cfg.dev_file or cfg.train_file
+        if not parity:
             raise ValueError(f"run {name} has no data file for the parity check; use --eval FILE")
-        check_run_data(cfg, path, run=name, labelled=labelled)
+        labelled = {parity: quantize}  # path -> whether its labels are read
+        calibration = None if cfg.head == "generate" else eval_file or cfg.dev_file
+        if calibration:
+            labelled[calibration] = True
+        if reject_file:
+            labelled.setdefault(reject_file, False)
+        for path, labels in labelled.items():
+            check_run_data(cfg, path, run=name, labelled=labels)

@@ -124,6 +124,22 @@ def test_export_int8_eval_file_without_labels(work, tmp_path, no_backbone):
     assert not out.exists()
 
 
+def test_export_eval_file_without_labels_for_calibration(work, tmp_path, no_backbone):
+    """Even without int8: export calibrates classifiers on the --eval records' labels."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"sentence": "fun", "label": "1"}, {"sentence": "x"}])
+    out = tmp_path / "bundle"
+    line = run_cli("export", work["run"], "--out", out, "--eval", data)
+    assert f"{data}:2: missing label field 'label'" in line
+    assert not out.exists()
+
+
+def test_export_reject_file_without_the_template_field(work, text_file, tmp_path, no_backbone):
+    out = tmp_path / "bundle"
+    line = run_cli("export", work["run"], "--out", out, "--reject", text_file)
+    assert f"{text_file}:1: missing field 'sentence'" in line
+    assert not out.exists()
+
+
 def test_export_missing_eval_file(work, tmp_path, no_backbone):
     out = tmp_path / "bundle"
     line = run_cli("export", work["run"], "--out", out, "--eval", tmp_path / "nope.csv")
