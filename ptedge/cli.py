@@ -214,19 +214,25 @@ def eval_cmd(path: str, data: str, task: str | None, batch_size: int) -> None:
 
     Prints {"accuracy", "n", "skipped"}; for open-vocabulary tasks accuracy is P@1.
     """
+    from ptedge.checks import check_run_data, check_task_records
+    from ptedge.config import RunConfig
     from ptedge.data import read_records
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: no such run or bundle folder")
-    records = read_records(data)
     if _is_bundle(path):
         from ptedge.runtime import Predictor
 
-        result = Predictor(path).evaluate(records, task=task, batch_size=batch_size)
+        records = read_records(data)
+        p = Predictor(path)
+        name, spec = p.task(task)
+        check_task_records(spec, records, task=name, labelled=True)
+        result = p.evaluate(records, task=name, batch_size=batch_size)
     else:
         from ptedge.model import load_run
         from ptedge.train import Job, evaluate
 
+        records = check_run_data(RunConfig.load(path), data, run=Path(path).resolve().name)
         cfg, model, tok, compiled, _ = load_run(path)
         result = evaluate(Job(cfg, model, tok, compiled), records, batch_size)
     click.echo(json.dumps(result))
@@ -344,21 +350,6 @@ def export_cmd(
     )
 
 
-def _read_input(source: str) -> list[dict]:
-    if source == "-":
-        rows = []
-        for n, line in enumerate(sys.stdin, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"<stdin>:{n}: invalid JSON ({e.msg})") from None
-        return rows
-    from ptedge.data import read_records
-
-    return read_records(source)
-
-
 @main.command("predict")
 @click.argument("bundle")
 @click.option("--task", help="Task of a multi-task bundle.")
@@ -370,14 +361,64 @@ def _read_input(source: str) -> list[dict]:
     help="Records (.jsonl, .csv, .tsv), or - for JSON lines on stdin.",
 )
 @click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option(
+    "--on-error",
+    type=click.Choice(["stop", "skip"]),
+    default="stop",
+    show_default=True,
+    help="A broken record (unreadable, or missing a template field): stop there, after "
+    "writing every line before it (exit 1), or skip it, count it and name the first "
+    "skipped ones on stderr at the end.",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Records and records/s on stderr (default: when stderr is a terminal).",
+)
+@click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores).")
 @_user_errors
-def predict_cmd(bundle: str, task: str | None, source: str, batch_size: int) -> None:
-    """Predict with a bundle (onnxruntime, no PyTorch); writes one JSON line per record."""
-    from ptedge.runtime import Predictor
+def predict_cmd(bundle, task, source, batch_size, on_error, progress, threads) -> None:
+    """Predict with a bundle (onnxruntime, no PyTorch); writes one JSON line per record.
 
-    p = Predictor(bundle)
-    for r in p.predict(_read_input(source), task=task, batch_size=batch_size):
-        click.echo(json.dumps(r, ensure_ascii=False))
+    Streams: lines come out in input order as they are computed, memory stays bounded on
+    inputs of any size.
+    """
+    from ptedge.data import RecordReader
+    from ptedge.runtime import Predictor
+    from ptedge.stream import Progress, predict_stream
+
+    with RecordReader(source) as reader:  # the input's file and header, checked first
+        p = Predictor(_bundle_dir(bundle), threads=threads)
+        show = sys.stderr.isatty() if progress is None else progress
+        try:
+            report = predict_stream(
+                p,
+                reader,
+                sys.stdout,
+                task=task,
+                batch_size=batch_size,
+                on_error=on_error,
+                progress=Progress(show),
+            )
+        except BrokenPipeError:  # e.g. `ptedge predict ... | head`: stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
+    if report.skipped:
+        click.echo(f"warning: {report.summary()}", err=True)
+
+
+def _bundle_dir(path: str) -> str:
+    """``path`` if it is a bundle folder; a one-line error that says what it is otherwise."""
+    from ptedge.config import BUNDLE_MANIFEST, read_json
+
+    manifest = Path(path) / BUNDLE_MANIFEST
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such bundle folder")
+    if manifest.is_file() and "tasks" not in read_json(manifest):
+        raise ValueError(
+            f"{path}: a run folder, not a bundle; export it first (ptedge export {path} --out ...)"
+        )
+    return path
 
 
 @main.command("info")
@@ -387,7 +428,7 @@ def info_cmd(bundle: str) -> None:
     """Summarise a bundle: backbone, model file, tasks, parity, quantization, sizes."""
     from ptedge.runtime import load_manifest
 
-    m = load_manifest(bundle)
+    m = load_manifest(_bundle_dir(bundle))
     sizes = {n: (Path(bundle) / n).stat().st_size for n in m["files"]}
     click.echo(f"bundle     {bundle}  ({sum(sizes.values()) / 1e6:.1f} MB)")
     click.echo(

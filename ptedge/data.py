@@ -14,10 +14,14 @@ the field, e.g. ``data.csv:17: missing field 'text'``.
 
 Files are UTF-8 (a leading BOM is tolerated).
 
+:func:`read_records` reads a whole file into a list (fine for data sets of millions of short
+rows); :class:`RecordReader` reads the same formats one record at a time, for streaming
+(``ptedge predict``), and reports a broken record without stopping, so that its caller can
+choose to skip it. Both share one parser, so a file reads the same either way.
+
 What it is not for: it does no tokenization, type inference or label mapping (every value is
-a string), sniffs no CSV dialects, and reads a whole file into memory (fine for data sets of
-millions of short rows, not for streaming). It is torch-free: the standard library only, so
-the runtime and the CLI can use it without PyTorch.
+a string) and sniffs no CSV dialects. It is torch-free: the standard library only, so the
+runtime and the CLI can use it without PyTorch.
 """
 
 from __future__ import annotations
@@ -25,12 +29,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Sequence
+import os
+import stat
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
     "DataError",
+    "RecordReader",
     "Records",
     "labels_of",
     "read_records",
@@ -108,24 +117,188 @@ def read_records(path: str | Path) -> Records:
     undecodable UTF-8, a malformed line, a row whose column count differs from the header's,
     and a file with no records.
     """
-    name = str(path)
-    suffix = Path(path).suffix.lower()
-    if suffix not in SUPPORTED_EXTENSIONS:
-        shown = repr(suffix) if suffix else "(no extension)"
-        raise DataError(
-            f"unsupported file type {shown}; supported: {', '.join(SUPPORTED_EXTENSIONS)}",
-            path=name,
-        )
-    text = _read_text(Path(path), name)
-    if suffix == ".jsonl":
-        records = _parse_jsonl(text, name)
-    elif suffix == ".csv":
-        records = _parse_csv(text, name)
-    else:
-        records = _parse_tsv(text, name)
+    records: list[dict[str, str]] = []
+    lines: list[int] = []
+    with RecordReader(path) as reader:
+        for number, record in reader:
+            if isinstance(record, DataError):
+                raise record
+            records.append(record)
+            lines.append(number)
+        fields = reader.fields
     if not records:
-        raise DataError("no records", path=name)
-    return records
+        raise DataError("no records", path=reader.name)
+    return Records(reader.name, records, lines, fields)
+
+
+class RecordReader:
+    """The records of one data file, or of JSON lines on stdin (``"-"``), one at a time.
+
+    Iterating yields ``(line, record)``. A record that cannot be read (invalid JSON or
+    UTF-8, a wrong column count, malformed CSV) comes as ``(line, DataError)`` and
+    reading goes on after it; what ends the file raises :class:`DataError` (no such file,
+    an unsupported extension, a broken header, a quoted CSV field never closed). Holds one
+    record at a time, so memory stays bounded on files of any size.
+
+    ``fields``: the header's columns (csv/tsv; available once opened), None for jsonl.
+    ``position`` and ``size``: bytes read so far and the file's size (None for a pipe).
+    """
+
+    def __init__(self, path: str | Path, stream: BinaryIO | None = None) -> None:
+        self.position = 0
+        if str(path) == "-":
+            self.name, suffix = "<stdin>", ".jsonl"
+            self._file, self._owned = stream or sys.stdin.buffer, False
+        else:
+            self.name, suffix = str(path), Path(path).suffix.lower()
+            if suffix not in SUPPORTED_EXTENSIONS:
+                shown = repr(suffix) if suffix else "(no extension)"
+                raise DataError(
+                    f"unsupported file type {shown}; supported: {', '.join(SUPPORTED_EXTENSIONS)}",
+                    path=self.name,
+                )
+            self._file, self._owned = _open(Path(path), self.name), True
+        try:
+            st = os.fstat(self._file.fileno())
+            self.size = st.st_size if stat.S_ISREG(st.st_mode) else None
+        except (OSError, ValueError, io.UnsupportedOperation):
+            self.size = None
+        parse = {".jsonl": self._jsonl, ".csv": self._csv, ".tsv": self._tsv}[suffix]
+        self._rows = parse()
+        self.fields: list[str] | None = None
+        if suffix != ".jsonl":
+            try:
+                first = next(self._rows, None)  # the header, if the file has one
+            except BaseException:
+                self.close()
+                raise
+            self.fields = first[1] if first is not None else []
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, str] | DataError]]:
+        return self._rows
+
+    def __enter__(self) -> RecordReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._owned:
+            self._file.close()
+
+    def _lines(self) -> Iterator[tuple[int, str | DataError]]:
+        """(number, text with its line end) per line, or a DataError for invalid UTF-8."""
+        for number, raw in enumerate(self._file, start=1):
+            self.position += len(raw)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte = raw[e.start : e.start + 1].hex()
+                yield (
+                    number,
+                    DataError(
+                        f"not valid UTF-8 (byte 0x{byte} at column {e.start + 1}); "
+                        "save the file as UTF-8",
+                        path=self.name,
+                        line=number,
+                    ),
+                )
+                continue
+            yield number, text[1:] if number == 1 and text.startswith("\ufeff") else text
+
+    def _jsonl(self) -> Iterator[tuple[int, dict[str, str] | DataError]]:
+        for number, text in self._lines():
+            if isinstance(text, DataError):
+                yield number, text
+            elif text.strip():
+                yield number, _jsonl_record(text.removesuffix("\n"), self.name, number)
+
+    def _tsv(self) -> Iterator[tuple[int | None, dict[str, str] | list[str] | DataError]]:
+        header: list[str] | None = None
+        header_line = 0
+        for number, text in self._lines():
+            if isinstance(text, DataError):
+                if header is None:
+                    raise text
+                yield number, text
+                continue
+            text = text[:-1] if text.endswith("\n") else text
+            text = text[:-1] if text.endswith("\r") else text
+            if not text:
+                continue
+            row = text.split("\t")
+            if header is None:
+                _check_header(row, self.name, number)
+                header, header_line = row, number
+                yield None, header
+            elif len(row) != len(header):
+                yield (
+                    number,
+                    DataError(
+                        f"expected {len(header)} tab-separated columns as in the header "
+                        f"(line {header_line}), found {len(row)}",
+                        path=self.name,
+                        line=number,
+                    ),
+                )
+            else:
+                yield number, dict(zip(header, row, strict=True))
+
+    def _csv(self) -> Iterator[tuple[int | None, dict[str, str] | list[str] | DataError]]:
+        bad: list[DataError] = []  # undecodable lines the csv reader was given as blank
+
+        def texts() -> Iterator[str]:
+            for _, text in self._lines():
+                if isinstance(text, DataError):
+                    bad.append(text)
+                    yield "\n"
+                else:
+                    yield text
+
+        reader = csv.reader(texts(), strict=True)
+        header: list[str] | None = None
+        header_line = 0
+        start = 1  # the line the next row starts on
+        while True:
+            try:
+                row: list[str] | DataError = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                if "unexpected end of data" in str(e):
+                    raise DataError(
+                        "a quoted field opened on this line is never closed",
+                        path=self.name,
+                        line=start,
+                    ) from None
+                row = DataError(f"malformed CSV ({e})", path=self.name, line=reader.line_num)
+            number, start = start, reader.line_num + 1
+            if bad:
+                row = bad[0]
+                bad.clear()
+            if isinstance(row, DataError):
+                if header is None:
+                    raise row
+                yield number, row
+            elif not row:  # an empty line
+                continue
+            elif header is None:
+                _check_header(row, self.name, number)
+                header, header_line = row, number
+                yield None, header
+            elif len(row) != len(header):
+                yield (
+                    number,
+                    DataError(
+                        f"expected {len(header)} columns as in the header (line {header_line}), "
+                        f"found {len(row)}",
+                        path=self.name,
+                        line=number,
+                    ),
+                )
+            else:
+                yield number, dict(zip(header, row, strict=True))
 
 
 def require_fields(
@@ -181,51 +354,25 @@ def _location(records: Sequence[dict[str, str]], index: int) -> tuple[str, int]:
     return "<records>", index + 1
 
 
-def _read_text(path: Path, name: str) -> str:
+def _open(path: Path, name: str) -> BinaryIO:
     try:
-        raw = path.read_bytes()
+        return path.open("rb")
     except FileNotFoundError:
         raise DataError("no such file", path=name) from None
     except IsADirectoryError:
         raise DataError("is a directory, not a data file", path=name) from None
     except OSError as e:
         raise DataError(f"cannot read ({e.strerror or e})", path=name) from None
+
+
+def _jsonl_record(text: str, name: str, number: int) -> dict[str, str] | DataError:
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        byte = raw[e.start : e.start + 1].hex()
-        raise DataError(
-            f"not valid UTF-8 (byte 0x{byte} at column {column}); save the file as UTF-8",
-            path=name,
-            line=line,
-        ) from None
-
-
-def _parse_jsonl(text: str, name: str) -> Records:
-    records: list[dict[str, str]] = []
-    lines: list[int] = []
-    fields: dict[str, None] = {}
-    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends verbatim.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"invalid JSON ({e.msg} at column {e.colno})", path=name, line=number
-            ) from None
-        if not isinstance(obj, dict):
-            raise DataError(
-                f"expected a JSON object, got {_json_type(obj)}", path=name, line=number
-            )
-        record = {k: v if isinstance(v, str) else str(v) for k, v in obj.items() if v is not None}
-        fields.update(dict.fromkeys(record))
-        records.append(record)
-        lines.append(number)
-    return Records(name, records, lines, fields)
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return DataError(f"invalid JSON ({e.msg} at column {e.colno})", path=name, line=number)
+    if not isinstance(obj, dict):
+        return DataError(f"expected a JSON object, got {_json_type(obj)}", path=name, line=number)
+    return {k: v if isinstance(v, str) else str(v) for k, v in obj.items() if v is not None}
 
 
 def _json_type(obj: object) -> str:
@@ -248,68 +395,3 @@ def _check_header(header: list[str], name: str, number: int) -> None:
                 f"duplicate column {column!r} in the header", path=name, line=number, field=column
             )
         seen.add(column)
-
-
-def _parse_csv(text: str, name: str) -> Records:
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    header: list[str] | None = None
-    header_line = 0
-    records: list[dict[str, str]] = []
-    lines: list[int] = []
-    start = 1  # the line the next row starts on
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            if "unexpected end of data" in str(e):
-                raise DataError(
-                    "a quoted field opened on this line is never closed", path=name, line=start
-                ) from None
-            raise DataError(f"malformed CSV ({e})", path=name, line=reader.line_num) from None
-        number, start = start, reader.line_num + 1
-        if not row:  # an empty line
-            continue
-        if header is None:
-            header, header_line = row, number
-            _check_header(header, name, number)
-            continue
-        if len(row) != len(header):
-            raise DataError(
-                f"expected {len(header)} columns as in the header (line {header_line}), "
-                f"found {len(row)}",
-                path=name,
-                line=number,
-            )
-        records.append(dict(zip(header, row, strict=True)))
-        lines.append(number)
-    return Records(name, records, lines, header or [])
-
-
-def _parse_tsv(text: str, name: str) -> Records:
-    header: list[str] | None = None
-    header_line = 0
-    records: list[dict[str, str]] = []
-    lines: list[int] = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if line.endswith("\r"):
-            line = line[:-1]
-        if not line:
-            continue
-        row = line.split("\t")
-        if header is None:
-            header, header_line = row, number
-            _check_header(header, name, number)
-            width = len(header)
-            continue
-        if len(row) != width:
-            raise DataError(
-                f"expected {width} tab-separated columns as in the header "
-                f"(line {header_line}), found {len(row)}",
-                path=name,
-                line=number,
-            )
-        records.append(dict(zip(header, row, strict=True)))
-        lines.append(number)
-    return Records(name, records, lines, header or [])

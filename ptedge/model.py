@@ -169,7 +169,11 @@ class PTuningModel(nn.Module):
         if not pseudo.any():
             return words
         table = self.encoder()  # (n, H)
-        prompt = table[(input_ids - V).clamp(min=0, max=table.shape[0] - 1)]  # (B, T, H)
+        rows = (input_ids - V).clamp(min=0, max=table.shape[0] - 1)  # (B, T)
+        # F.embedding, not table[rows]: on CPU with several threads the backward of advanced
+        # indexing (index_put_ with accumulate) adds rows with atomics in a varying order,
+        # so training did not repeat; embedding's backward sums each row in a fixed order.
+        prompt = nn.functional.embedding(rows, table)  # (B, T, H)
         return torch.where(pseudo.unsqueeze(-1), prompt.to(words.dtype), words)
 
     def hidden(

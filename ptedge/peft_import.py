@@ -170,12 +170,16 @@ def import_peft(
     import transformers
 
     import ptedge
+    from ptedge.checks import check_records
+    from ptedge.data import read_records
     from ptedge.model import ENCODER_FILE, HEAD_FILE, backbone_hash, build_for_run, load_backbone
     from ptedge.template import DEFAULT_MAX_LENGTH
 
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"{out}: output folder is not empty (use --force to replace it)")
+    if data is not None:  # export reads it with the template [P:n] {field}
+        check_records(read_records(data), [field], needed_by="--field")
     acfg, tensors = read_adapter(adapter_dir)
     where = adapter_dir / ADAPTER_CONFIG
     task, n = _check_config(acfg, where)

@@ -4,7 +4,10 @@
 on the encoder (and head) with warm-up and linear decay, evaluates ``--dev``
 periodically keeping the best prompt, and writes the run folder: ``ptedge.json``,
 ``prompt_encoder.safetensors`` (``head.safetensors``), ``metrics.jsonl``,
-``curve.png``. ``evaluate`` scores a model on records (also used by ``ptedge eval``).
+``timing.jsonl``, ``curve.png``. The same command on the same machine with the same
+thread count writes the same bytes into every file but ``timing.jsonl``, also when the
+run was killed and resumed (``--save-every``, ``--resume``). ``evaluate`` scores a
+model on records (also used by ``ptedge eval``).
 
 Not responsible for: argument parsing (``ptedge.cli``), export (``ptedge.export``).
 """
@@ -25,13 +28,15 @@ import torch
 
 import ptedge
 from ptedge import checkpoint, defaults
+from ptedge.checks import check_records
 from ptedge.config import RunConfig
 from ptedge.data import Records, labels_of, read_records, require_fields, write_jsonl
 from ptedge.model import build_for_run, eos_id, is_causal, load_backbone
 from ptedge.targets import accuracy, class_targets, exact_match, vocab_targets
 from ptedge.template import encode, fields_of, parse, pseudo_count
 
-METRICS = "metrics.jsonl"
+METRICS = "metrics.jsonl"  # what repeats bit for bit: step, loss, lr, dev metrics
+TIMING = "timing.jsonl"  # wall-clock figures (samples_per_s), which never repeat
 CURVE = "curve.png"
 DEV_MAX = 500  # dev records scored at each periodic evaluation
 DEV_NONE = "none"  # --dev none: train without a dev split
@@ -148,6 +153,24 @@ def evaluate(job: Job, records: Records, batch_size: int = 32) -> dict:
     keep = [i for i, t in enumerate(targets) if t is not None]
     preds = predict_ids(job, [records[i] for i in keep], batch_size)
     return accuracy(preds, [targets[i] for i in keep]) | {"skipped": len(targets) - len(keep)}
+
+
+def _check_data(args: TrainArgs, train: Records, dev: Records | None) -> None:
+    """Fields and labels of the data, before the backbone loads: every record has the
+    template's fields and a label; labels are the verbalizer's, and dev labels are
+    training labels for a linear head (its classes are the training labels)."""
+    known = list(args.verbalizer) if args.verbalizer and args.head != "linear" else None
+    for recs in (train, dev) if dev is not None else (train,):
+        check_records(
+            recs,
+            fields_of(args.template),
+            label_field=args.label_field,
+            labels=known,
+            needed_by="the template",
+        )
+    if dev is not None and args.head == "linear":
+        classes = sorted(set(labels_of(train, args.label_field)))
+        check_records(dev, [], label_field=args.label_field, labels=classes)
 
 
 def _labels_for(args: TrainArgs, head: str, train: Records) -> list[str] | None:
@@ -277,6 +300,7 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     train_recs = read_records(args.train)
     require_fields(train_recs, need, reason="template or --label-field needs it")
     dev_recs = _read_dev(args, need)
+    _check_data(args, train_recs, dev_recs)
 
     model_dir = Path(args.model).resolve()
     backbone = load_backbone(model_dir)
@@ -422,6 +446,7 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
     eval_every = args.eval_every or max(steps // 5, 1)
     gen = torch.Generator().manual_seed(args.seed)
     start, order, best = 0, [], None
+    loss_sum, loss_n = 0.0, 0  # training loss since the last logged row
     saved = checkpoint.load(out) if args.resume else None
     if saved is not None:
         model.load_trainable_state(saved["weights"])
@@ -429,10 +454,13 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
         sched.load_state_dict(saved["scheduler"])
         gen.set_state(saved["generator"])
         start, order, best = saved["step"], saved["order"], saved["best"]
+        loss_sum, loss_n = saved.get("loss_sum", 0.0), saved.get("loss_n", 0)
+        for name in (METRICS, TIMING):  # rows logged after the checkpoint come again
+            _truncate_log(out / name, start)
     lead = rank == 0
     metrics_path = out / METRICS
     bar = _bar(steps, progress and lead, start)
-    loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
+    seen, t0 = 0, time.perf_counter()
     model.train()
     for step in range(start + 1, steps + 1):
         batch_idx = []
@@ -448,6 +476,7 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
         opt.step()
         sched.step()
         loss_sum += loss.item()
+        loss_n += 1
         seen += len(batch_idx)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -458,12 +487,12 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
             dt = time.perf_counter() - t0
             row = {
                 "step": step,
-                "loss": loss_sum / max(1, seen / args.batch_size),
+                "loss": loss_sum / loss_n,
                 "lr": sched.get_last_lr()[0],
-                "samples_per_s": seen / dt,
                 "world_size": world,
             }
-            loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
+            _append_row(out / TIMING, {"step": step, "samples_per_s": seen / dt})
+            loss_sum, loss_n, seen, t0 = 0.0, 0, 0, time.perf_counter()
         if dev_eval is not None and (step % eval_every == 0 or step == steps):
             t_eval = time.perf_counter()
             dev = evaluate(job, dev_eval)
@@ -479,9 +508,7 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
                 }
             bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{dev['accuracy']:.3f}")
         if row is not None:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
+            _append_row(metrics_path, row)
         if args.save_every and step % args.save_every == 0 and step < steps:
             state = {
                 "step": step,
@@ -491,12 +518,27 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "generator": gen.get_state(),
+                "loss_sum": loss_sum,
+                "loss_n": loss_n,
             }
             t_save = time.perf_counter()
             checkpoint.save(out, state)
             t0 += time.perf_counter() - t_save
     model.eval()
     return best
+
+
+def _append_row(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the rows of a .jsonl log up to ``step`` (a resumed run logs the rest again)."""
+    if not path.is_file():
+        return
+    whole = [x for x in path.read_text().splitlines(keepends=True) if x.endswith("\n")]
+    path.write_text("".join(x for x in whole if x.strip() and json.loads(x)["step"] <= step))
 
 
 def _bar(total: int, enabled: bool, initial: int = 0):

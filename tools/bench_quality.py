@@ -219,16 +219,13 @@ class Bench:
     @staticmethod
     def run_stats(run: Path) -> dict:
         """The run's recorded choices (defaults and dev split), dev metrics of the kept
-        prompt, and seconds per step (median over logging windows, from timing.jsonl when
-        the run has one, else metrics.jsonl)."""
+        prompt, and seconds per step: the median over timing.jsonl's logging windows (a
+        window that follows a dev evaluation also holds that evaluation's time)."""
         cfg = json.loads((run / "ptedge.json").read_text())
         rows = []
-        for name in ("timing.jsonl", "metrics.jsonl"):
-            if (run / name).is_file():
-                rows = [json.loads(x) for x in (run / name).read_text().splitlines() if x]
-                rows = [r for r in rows if "samples_per_s" in r]
-                if rows:
-                    break
+        if (run / "timing.jsonl").is_file():
+            rows = [json.loads(x) for x in (run / "timing.jsonl").read_text().splitlines() if x]
+        rows = [r for r in rows if "samples_per_s" in r]
         per_step = sorted(cfg["batch_size"] / r["samples_per_s"] for r in rows)
         s_step = per_step[len(per_step) // 2] if per_step else None
         return {

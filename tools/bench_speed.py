@@ -44,7 +44,7 @@ Measured:
   backbone, fp32), same token count;
 - training throughput (samples/s) of ``ptedge.train`` against PEFT's P-tuning loop on the
   same backbone, data and batch size (per-step times after warm-up steps; ptedge's come
-  from its ``metrics.jsonl`` with ``log_every=1``); in full mode also ptedge with the
+  from its ``timing.jsonl`` with ``log_every=1``); in full mode also ptedge with the
   frozen backbone in bf16 (``TrainArgs(dtype="bf16")``).
 
 Everything it needs (ptedge runs and bundles, PEFT adapters, the full-logits graph) is
@@ -655,7 +655,7 @@ def alone_latency(spec: Spec, b: Built, records: list[dict], cfg: dict) -> dict:
 
 
 def _ptedge_step_s(run: Path, batch: int, skip: int) -> list[float]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+    rows = [json.loads(x) for x in (run / "timing.jsonl").read_text().splitlines() if x]
     return [batch / r["samples_per_s"] for r in rows if "samples_per_s" in r and r["step"] > skip]
 
 

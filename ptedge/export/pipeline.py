@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ptedge.checks import check_export_data
 from ptedge.export.bundle import atomic_folder, check_out, store_weights_apart, write_manifest
 from ptedge.export.calibrate import calibrate, check_inputs
 from ptedge.export.decoder import export_decoder
@@ -68,6 +69,9 @@ def _check_args(args: ExportArgs) -> None:
 def export(args: ExportArgs) -> dict:
     """Run ``ptedge export``; returns the manifest written to ``args.out``."""
     _check_args(args)
+    check_export_data(
+        args.runs, args.eval_file, quantize=args.quantize is not None, reject_file=args.reject
+    )
     runs, _ = load_runs(args.runs)
     check_inputs(runs, args.eval_file, args.reject)
     samples = [parity_records(r, args.eval_file) for r in runs]
