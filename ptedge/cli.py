@@ -370,9 +370,35 @@ def _read_input(source: str) -> list[dict]:
     help="Records (.jsonl, .csv, .tsv), or - for JSON lines on stdin.",
 )
 @click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: score files with Ray Data actors (pip install 'ptedge[ray]'; RAY_ADDRESS "
+    "for a cluster); --input is then a file, folder or glob of .jsonl/.csv/.parquet.",
+)
+@click.option("--output", help="--engine ray: output folder (the input's format).")
+@click.option("--concurrency", type=int, help="--engine ray: actors (default: CPUs // threads).")
+@click.option("--actor-threads", type=int, default=1, show_default=True, help="--engine ray.")
 @_user_errors
-def predict_cmd(bundle: str, task: str | None, source: str, batch_size: int) -> None:
+def predict_cmd(
+    bundle: str,
+    task: str | None,
+    source: str,
+    batch_size: int,
+    engine: str,
+    output: str | None,
+    concurrency: int | None,
+    actor_threads: int,
+) -> None:
     """Predict with a bundle (onnxruntime, no PyTorch); writes one JSON line per record."""
+    if engine == "ray":
+        from ptedge.integrations.ray import predict_command
+
+        out = predict_command(bundle, task, source, output, batch_size, concurrency, actor_threads)
+        click.echo(f"wrote {out}", err=True)
+        return
     from ptedge.runtime import Predictor
 
     p = Predictor(bundle)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,6 +36,8 @@ from ptedge.template import record_fields
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 PREFIX = "pred_"  # output column names: pred_label, pred_score, ...
 RAY_BATCH_SIZE = 512  # records handed to an actor per call
+# Writing files reserves no CPU, like reading (read_dataset): the actors may hold them all.
+IO_REMOTE_ARGS = {"num_cpus": 0}
 
 
 def _need_ray():
@@ -144,22 +147,50 @@ def input_files(source: str) -> tuple[list[str], str]:
     return files, kinds.pop()
 
 
-def read_dataset(files: list[str], fmt: str, fields: list[str]):
-    """A Ray Dataset of the files; CSV template fields are read as text, like ptedge.data."""
-    ray = _need_ray()
-    if fmt == "jsonl":
-        return ray.data.read_json(files)
-    if fmt == "csv":
-        import pyarrow as pa
-        from pyarrow import csv
+def _read_file(batch: dict[str, np.ndarray], fmt: str, fields: list[str]):
+    """One input file (a batch of one path) as a pyarrow Table, its template fields
+    checked: present, and no nulls (the error names the file and the record)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from pyarrow import csv, json, parquet
 
-        types = {f: pa.string() for f in fields}
-        return ray.data.read_csv(files, convert_options=csv.ConvertOptions(column_types=types))
-    return ray.data.read_parquet(files)
+    path = str(batch["path"][0])
+    try:
+        if fmt == "jsonl":
+            table = json.read_json(path)
+        elif fmt == "csv":
+            types = {f: pa.string() for f in fields}  # text, as ptedge.data reads CSV
+            table = csv.read_csv(path, convert_options=csv.ConvertOptions(column_types=types))
+        else:
+            table = parquet.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{path}: cannot read it as {fmt} ({e})") from None
+    for f in fields:
+        if f not in table.column_names:
+            raise ValueError(f"{path}: no field {f!r} (the template needs it)")
+        if table[f].null_count:
+            row = pc.index(pc.is_null(table[f]), True).as_py()
+            raise ValueError(f"{path}: record {row + 1} has no value for field {f!r}")
+    return table
+
+
+def read_dataset(files: list[str], fmt: str, fields: list[str]):
+    """A Ray Dataset of the files, one read task per file. Reads reserve no CPU: the
+    scoring actors may hold every CPU (measured with Ray 2.60: its own readers' 1-CPU
+    tasks, such as Parquet's file listing, then waited forever)."""
+    ray = _need_ray()
+    return ray.data.from_items([{"path": f} for f in files]).map_batches(
+        _read_file,
+        fn_kwargs={"fmt": fmt, "fields": fields},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=0,
+    )
 
 
 def _write(ds, fmt: str, path: str) -> None:
-    {"jsonl": ds.write_json, "csv": ds.write_csv, "parquet": ds.write_parquet}[fmt](path)
+    write = {"jsonl": ds.write_json, "csv": ds.write_csv, "parquet": ds.write_parquet}[fmt]
+    write(path, ray_remote_args=IO_REMOTE_ARGS)
 
 
 def score_files(
@@ -185,10 +216,6 @@ def score_files(
         raise ValueError(f"bundle has tasks {names}: choose one with --task")
     fields = record_fields(manifest["tasks"][name]["template"])
     ds = read_dataset(files, fmt, fields)
-    columns = ds.columns()
-    for f in fields:
-        if f not in columns:
-            raise ValueError(f"{files[0]}: no column {f!r} (the template needs it)")
     scored = score_dataset(ds, bundle, name, **kw)
     if "://" in output:  # cloud storage: Ray writes in place
         _write(scored, output_format, output)
@@ -206,3 +233,46 @@ def score_files(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
+
+
+def _user_error(e: BaseException) -> str | None:
+    """The message of a ValueError raised in a Ray worker: Ray re-raises it as its own
+    exception type, with the worker's traceback as text."""
+    found = re.findall(r"^ValueError: (.+)$", str(e), flags=re.M)
+    return found[-1] if found else None
+
+
+def predict_command(
+    bundle: str,
+    task: str | None,
+    source: str,
+    output: str | None,
+    model_batch_size: int,
+    concurrency: int | None,
+    threads: int,
+) -> str:
+    """``ptedge predict --engine ray``: connect to ``RAY_ADDRESS`` (or start a local Ray),
+    score ``source`` into ``output``; user errors come back as one ``ValueError``."""
+    if source == "-" or not output:
+        raise ValueError("--engine ray reads files and writes a folder: give --input and --output")
+    if threads < 1:
+        raise ValueError("--actor-threads must be at least 1")
+    ray = _need_ray()
+    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    try:
+        return score_files(
+            source,
+            output,
+            bundle,
+            task,
+            concurrency=concurrency,
+            threads=threads,
+            model_batch_size=model_batch_size,
+        )
+    except Exception as e:
+        if isinstance(e, ValueError) and type(e).__module__ == "builtins":
+            raise
+        message = _user_error(e)
+        if message is None:
+            raise
+        raise ValueError(message) from None
