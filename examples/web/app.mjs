@@ -15,7 +15,14 @@ const EXAMPLE = "I still have not received my new card, I ordered over a week ag
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const app = { bundle: null, error: null, firstPredictionMs: null, lastMs: null, shown: null };
+const app = {
+  bundle: null,
+  error: null,
+  startedMs: performance.now(), // since navigation started: modules loaded
+  firstPredictionMs: null,
+  lastMs: null,
+  shown: null,
+};
 window.ptedgeApp = app;
 
 function describe(bundle) {

@@ -99,6 +99,7 @@ async function open(browser, url, log) {
   const state = await page.evaluate(() => ({
     error: window.ptedgeApp.error,
     firstPredictionMs: window.ptedgeApp.firstPredictionMs,
+    startedMs: window.ptedgeApp.startedMs,
     info: window.ptedgeApp.bundle?.info ?? null,
     transferredBytes: performance
       .getEntriesByType("resource")
@@ -169,6 +170,8 @@ async function main() {
       const again = await open(browser, opts.url, log);
       reopened.push({
         first_prediction_ms: again.state.firstPredictionMs,
+        page_started_ms: again.state.startedMs,
+        load_ms: again.state.info.timingsMs,
         transferred_bytes: again.state.transferredBytes,
       });
       await again.page.close();
@@ -177,6 +180,7 @@ async function main() {
       chromium: await browser.version(),
       info: state.info,
       first_prediction_ms: state.firstPredictionMs,
+      page_started_ms: state.startedMs,
       transferred_bytes: state.transferredBytes,
       batch_size: opts.batchSize,
       results,

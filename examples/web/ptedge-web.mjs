@@ -299,6 +299,7 @@ export async function loadBundle(url, { task = null, threads = null, onProgress 
   const files = await fetchVerified(base, m, onProgress);
   const t1 = performance.now();
   const tokenizer = makeTokenizer(files[m.tokenizer]);
+  const t2 = performance.now();
   ort.env.wasm.numThreads = threads ?? defaultThreads();
   const options = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
   const data = `${m.model}.data`;
@@ -309,7 +310,7 @@ export async function loadBundle(url, { task = null, threads = null, onProgress 
   } catch (e) {
     throw new BundleError(`${m.model}: onnxruntime-web cannot load it (${e.message ?? e})`);
   }
-  const t2 = performance.now();
+  const t3 = performance.now();
   if (!session.outputNames.includes(spec.output)) {
     throw new BundleError(`${m.model} has no output ${spec.output}`);
   }
@@ -320,8 +321,8 @@ export async function loadBundle(url, { task = null, threads = null, onProgress 
     quantization: m.quantization?.method ?? m.dtype ?? "fp32",
     threads: ort.env.wasm.numThreads,
     crossOriginIsolated: Boolean(globalThis.crossOriginIsolated),
-    loadMs: t2 - t0, // fetch and verify, then tokenizer and session
-    fetchVerifyMs: t1 - t0,
+    loadMs: t3 - t0,
+    timingsMs: { fetchVerify: t1 - t0, tokenizer: t2 - t1, session: t3 - t2 },
   };
   return new Bundle(base, m, taskName, session, tokenizer, info);
 }
