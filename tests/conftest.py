@@ -196,12 +196,16 @@ CLI_TIMEOUT = 1800  # s, one `ptedge train` or `ptedge export` on a busy 2-core 
 
 
 def run_cli(*args: str) -> None:
-    """``ptedge ARGS`` in a fresh interpreter (its memory is freed when it ends)."""
+    """``ptedge ARGS`` in a fresh interpreter (its memory is freed when it ends), on one
+    thread unless OMP_NUM_THREADS says otherwise: 2-thread PyTorch crawls on a shared,
+    oversubscribed 2-core machine (see tools/_bench_common.busy_note)."""
+    import os
     import subprocess
     import sys
 
     cmd = [sys.executable, "-c", "from ptedge.cli import main; main()", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    env = {"OMP_NUM_THREADS": "1"} | dict(os.environ)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CLI_TIMEOUT, env=env)
     if proc.returncode != 0:
         pytest.fail(f"ptedge {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 

@@ -13,7 +13,7 @@ Each actor reserves ``threads`` CPUs from Ray and gives onnxruntime as many thre
 a laptop (``ray.init(num_cpus=2)``) and on a cluster (``ray start --head`` on one node,
 ``ray start --address HEAD:6379`` on the others, then ``RAY_ADDRESS=HEAD:6379``): there, the
 bundle and the input/output paths must be reachable at the same path on every node (a
-shared file system, or cloud storage for input and output), and ptedge installed on each.
+shared file system), and ptedge installed on each.
 
 Ray is imported only inside the functions that use it; ``BundleScorer`` itself needs only
 the runtime. Not responsible for: encoding or scoring (``ptedge.runtime``).
@@ -105,7 +105,7 @@ def score_dataset(
     quantize activations per run, so results can depend on it; see the bundle format).
     """
     ray = _need_ray()
-    bundle = str(Path(bundle).resolve()) if "://" not in str(bundle) else str(bundle)
+    bundle = str(Path(bundle).resolve())
     if concurrency is None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         concurrency = max(1, cpus // threads)
@@ -202,8 +202,8 @@ def score_files(
     **kw,
 ) -> str:
     """Score ``source`` (a file, folder or glob of .jsonl/.csv/.parquet) into the folder
-    ``output`` (written whole or not at all, for local paths), in ``output_format`` (default:
-    the input's). ``kw`` goes to ``score_dataset``. Returns the output folder."""
+    ``output``, written whole or not at all, in ``output_format`` (default: the input's).
+    ``kw`` goes to ``score_dataset``. Returns the output folder."""
     _need_ray()
     files, fmt = input_files(source)
     output_format = output_format or fmt
@@ -215,14 +215,10 @@ def score_files(
     if name not in manifest["tasks"]:
         raise ValueError(f"bundle has tasks {names}: choose one with --task")
     fields = record_fields(manifest["tasks"][name]["template"])
-    ds = read_dataset(files, fmt, fields)
-    scored = score_dataset(ds, bundle, name, **kw)
-    if "://" in output:  # cloud storage: Ray writes in place
-        _write(scored, output_format, output)
-        return output
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{output}: exists and is not an empty folder")
+    scored = score_dataset(read_dataset(files, fmt, fields), bundle, name, **kw)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)
     try:
