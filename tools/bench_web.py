@@ -115,7 +115,7 @@ def measure(bundles: dict[str, Path], records: list[dict], rounds: int, shot: Pa
             runs[name].append(systems[name]())
     log("first prediction: a fresh browser, then the page reopened 3 times (bundle cached)")
     extra = ["--reopen", "3", "--text", TYPED] + (["--screenshot", str(shot)] if shot else [])
-    opened = page_run(b, [], True, extra)
+    opened = page_run(b, records[:20], True, extra)  # warm before the screenshot
     return runs, opened
 
 
@@ -203,6 +203,13 @@ def render(res: dict) -> str:
         "Where the last reopen's time went (ms): "
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in fp["cached_breakdown"].items())
         + " (session: onnxruntime-web's WebAssembly start and the model's load).",
+        "",
+    ]
+    lines += [
+        "Why the page is slower than native onnxruntime on this CPU: WebAssembly SIMD is 128 "
+        "bits wide and has no int8 dot product, so onnxruntime-web's int8 GEMM widens to 16 "
+        "bits (MLAS `qgemm_kernel_wasmsimd`); its Relaxed-SIMD kernel (dot products) is not in "
+        "the npm package's build. Native onnxruntime uses AVX-512 VNNI here.",
         "",
     ]
     note = busy_note(m)
