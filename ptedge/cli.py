@@ -376,13 +376,42 @@ def export_cmd(
     help="Records and records/s on stderr (default: when stderr is a terminal).",
 )
 @click.option("--threads", type=int, help="onnxruntime intra-op threads (default: all cores).")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: score files with Ray Data actors (pip install 'ptedge[ray]'; RAY_ADDRESS "
+    "for a cluster); --input is then a file, folder or glob of .jsonl/.csv/.parquet.",
+)
+@click.option("--output", help="--engine ray: output folder (the input's format).")
+@click.option("--concurrency", type=int, help="--engine ray: actors (default: CPUs // threads).")
+@click.option("--actor-threads", type=int, default=1, show_default=True, help="--engine ray.")
 @_user_errors
-def predict_cmd(bundle, task, source, batch_size, on_error, progress, threads) -> None:
+def predict_cmd(
+    bundle,
+    task,
+    source,
+    batch_size,
+    on_error,
+    progress,
+    threads,
+    engine,
+    output,
+    concurrency,
+    actor_threads,
+) -> None:
     """Predict with a bundle (onnxruntime, no PyTorch); writes one JSON line per record.
 
     Streams: lines come out in input order as they are computed, memory stays bounded on
-    inputs of any size.
+    inputs of any size. With --engine ray, files are scored by Ray Data actors instead.
     """
+    if engine == "ray":
+        from ptedge.integrations.ray import predict_command
+
+        out = predict_command(bundle, task, source, output, batch_size, concurrency, actor_threads)
+        click.echo(f"wrote {out}", err=True)
+        return
     from ptedge.data import RecordReader
     from ptedge.runtime import Predictor
     from ptedge.stream import Progress, predict_stream

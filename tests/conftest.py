@@ -176,3 +176,78 @@ def sentiment_file(tmp_path) -> Path:
         {"sentence": s, "label": "0"} for s in bad
     ]
     return write_jsonl(tmp_path / "sent.jsonl", recs * 3)
+
+
+# -- a real bundle shared by the tests that need one (slow: built once per session) ---------
+
+B77_TRAIN_ARGS = [
+    "--template",
+    "[P:3] {text} [P:3] [MASK]",
+    "--label-field",
+    "category",
+    "--head",
+    "linear",
+    "--steps",
+    "150",
+    "--batch-size",
+    "32",
+]
+CLI_TIMEOUT = 1800  # s, one `ptedge train` or `ptedge export` on a busy 2-core machine
+
+
+def run_cli(*args: str) -> None:
+    """``ptedge ARGS`` in a fresh interpreter (its memory is freed when it ends), on one
+    thread unless OMP_NUM_THREADS says otherwise: 2-thread PyTorch crawls on a shared,
+    oversubscribed 2-core machine (see tools/_bench_common.busy_note)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", "from ptedge.cli import main; main()", *args]
+    env = {"OMP_NUM_THREADS": "1"} | dict(os.environ)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CLI_TIMEOUT, env=env)
+    if proc.returncode != 0:
+        pytest.fail(f"ptedge {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def banking77_run(tmp_path_factory) -> Path:
+    """A MiniLM BANKING77 run folder trained by ``ptedge train`` (150 steps x 32), once per
+    session; skips without ../shared/data or the minilm-l6 backbone. Read-only."""
+    train_csv = shared_data("banking77", "train.csv")
+    pytest.importorskip("torch")
+    from ptedge.backbones import fetch
+
+    try:
+        model = fetch("minilm-l6", quiet=True)
+    except RuntimeError as e:
+        pytest.skip(f"minilm-l6 backbone unavailable: {e}")
+    run = tmp_path_factory.mktemp("banking77") / "banking77"
+    run_cli(
+        "train",
+        "--model",
+        str(model),
+        "--train",
+        str(train_csv),
+        *B77_TRAIN_ARGS,
+        "--out",
+        str(run),
+    )
+    return run
+
+
+@pytest.fixture(scope="session")
+def banking77_int8_bundle(banking77_run) -> Path:
+    """The BANKING77 run exported by ``ptedge export --quantize int8`` (default settings),
+    once per session. Read-only: copy it (``shutil.copytree``) to change anything."""
+    bundle = banking77_run.parent / "bundle-int8"
+    run_cli("export", str(banking77_run), "--out", str(bundle), "--quantize", "int8")
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def banking77_fp32_bundle(banking77_run) -> Path:
+    """The same run exported by ``ptedge export`` without quantization. Read-only."""
+    bundle = banking77_run.parent / "bundle-fp32"
+    run_cli("export", str(banking77_run), "--out", str(bundle))
+    return bundle
