@@ -615,7 +615,10 @@ def _shown(flags: list[str]) -> list[str]:
         f = f.replace(str(bc.DATA), "../shared/data")
         if "/models/" in f and Path(f).is_dir():
             f = Path(f).name
-        out.append(f"'{f}'" if any(c in f for c in ' {[\n"') else f)
+        if "\n" in f:  # bash's $'...' keeps the newline readable
+            out.append("$'" + f.replace("\n", "\\n") + "'")
+        else:
+            out.append(f"'{f}'" if any(c in f for c in ' {["') else f)
     return out
 
 
@@ -819,7 +822,7 @@ def markdown(result: dict) -> str:
             base = max(_acc(r["peft"]), r["linear_probe"]["accuracy"])
             goal = MINILM_TASKS[t]["goal"]
             verdict = "met" if in8 >= base and (goal is None or in8 >= goal) else "not met"
-            extra = f" and ≥ {goal}" if goal else ""
+            extra = f" (and ≥ {goal})" if goal else ""
             fp = r["ptedge_fp32"].get("accuracy_without_rejection", r["ptedge_fp32"]["accuracy"])
             lines.append(
                 f"| {t} (n={i8.get('n_in_scope', i8['n'])}) | {f(fp)} | **{f(in8)}** | "
