@@ -244,9 +244,10 @@ def _is_bundle(path: str) -> bool:
 @click.option("--out", required=True, help="Bundle folder to write (atomically).")
 @click.option(
     "--quantize",
-    type=click.Choice(["int8"]),
+    type=click.Choice(["int8", "int4"]),
     help="int8, accuracy-guarded: dynamic per-channel int8, else weight-only int8 blocks "
-    "(int8 arithmetic, then float arithmetic).",
+    "(int8 arithmetic, then float arithmetic). Llama-style causal LMs: onnxruntime-genai's "
+    "builder quantizes (MatMulNBits blocks of 32), int8 or int4, under the same guard.",
 )
 @click.option(
     "--eval",
@@ -270,10 +271,13 @@ def _is_bundle(path: str) -> bool:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["onnx", "ort"]),
+    type=click.Choice(["onnx", "ort", "genai"]),
     default="onnx",
     show_default=True,
-    help="ort: also write model.ort and its operator list, for onnxruntime mobile builds.",
+    help="ort: also write model.ort and its operator list, for onnxruntime mobile builds. "
+    "genai (--head generate runs on Llama-style backbones): also a folder "
+    "onnxruntime-genai loads as it is (genai_config.json, the prompt's pseudo tokens in "
+    "tokenizer.json, the prompt text in ptedge.json's genai.prompt).",
 )
 @click.option(
     "--dtype",
@@ -319,6 +323,13 @@ def export_cmd(
     folders). Every export checks onnxruntime against PyTorch on real records, and
     calibrates the shipped model's scores with a temperature fitted on each run's dev
     records (--eval FILE instead), so `score` is a probability you can threshold.
+    Llama-style causal LMs (model_type llama, mistral, qwen2) are built by
+    onnxruntime-genai's model builder (fused attention, rotary embedding, layer norms).
+    It needs transformers 5, so ptedge runs it in a virtual environment of its own,
+    made on first use with pip from PyPI (torch==2.13.0 CPU, transformers>=5,<6,
+    onnxruntime-genai==0.18.0; about 1.3 GB, a few minutes once) in
+    ~/.cache/ptedge/genai-builder-0.18.0, or in $PTEDGE_GENAI_BUILDER; builds are cached
+    in ~/.cache/ptedge/genai-builds ($PTEDGE_GENAI_BUILDS).
     """
     from ptedge.export import ExportArgs, export
 
