@@ -288,6 +288,15 @@ def _is_bundle(path: str) -> bool:
     "tolerance; inputs and outputs stay as in fp32. Not with --quantize.",
 )
 @click.option(
+    "--graph",
+    type=click.Choice(["auto", "trace"]),
+    default="auto",
+    show_default=True,
+    help="auto: onnxruntime-genai's builder for Llama-style causal LMs, tracing otherwise. "
+    "trace: TorchScript/optimum export for every backbone (the graphs of ptedge 0.1; no "
+    "builder environment needed).",
+)
+@click.option(
     "--force", is_flag=True, help="Replace a non-empty --out; write int8 even past --max-drop."
 )
 @click.option(
@@ -313,6 +322,7 @@ def export_cmd(
     max_drop,
     fmt,
     dtype,
+    graph,
     force,
     reject_file,
     reject_max_drop,
@@ -346,6 +356,7 @@ def export_cmd(
             dtype=dtype,
             reject=reject_file,
             reject_max_drop=reject_max_drop,
+            graph=graph,
         )
     )
     click.echo(

@@ -51,6 +51,7 @@ class ExportArgs:
     dtype: str = "fp32"  # fp32 | fp16 (for GPUs; exclusive with quantize)
     reject: str | None = None  # records of no label: fit a rejection threshold
     reject_max_drop: float = 1.0  # in-scope dev accuracy points rejection may cost
+    graph: str = "auto"  # auto (builder where it applies) | trace (TorchScript/optimum only)
 
 
 def _log(msg: str) -> None:
@@ -65,6 +66,8 @@ def _check_args(args: ExportArgs) -> None:
         raise ValueError(f"--quantize {args.quantize!r}: choose int8 or int4")
     if args.dtype not in ("fp32", "fp16"):
         raise ValueError(f"--dtype {args.dtype!r}: choose fp32 or fp16")
+    if args.graph not in ("auto", "trace"):
+        raise ValueError(f"--graph {args.graph!r}: choose auto or trace")
     if args.dtype == "fp16" and args.quantize:
         raise ValueError("--dtype fp16 and --quantize int8 exclude each other; choose one")
 
@@ -80,7 +83,7 @@ def export(args: ExportArgs) -> dict:
         + ", ".join(f"{r.name} ({r.cfg.n_pseudo} prompt tokens)" for r in runs)
     )
     generative = runs[0].cfg.head == "generate"
-    built = causal.uses_builder(runs, args.dtype)
+    built = args.graph == "auto" and causal.uses_builder(runs, args.dtype)
     _check_builder_args(args, runs, built, generative)
     graph = None if generative or built else fuse([r.task for r in runs])
     if graph is not None:
