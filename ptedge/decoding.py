@@ -41,6 +41,7 @@ def empty_past(session, batch: int) -> dict[str, np.ndarray]:
     for i in session.get_inputs():
         if i.name.startswith("past_key_values."):
             _, heads, _, dim = i.shape  # (batch, kv_heads, past_len, head_dim)
+            dim = dim if isinstance(dim, int) else shared_cache(session)
             feeds[i.name] = np.zeros((batch, heads, 0, dim), dtype=np.float32)
     return feeds
 

@@ -196,3 +196,34 @@ def test_format_genai_needs_a_generation_run(tiny, sentiment_file, tmp_path):
         export(ExportArgs(runs=[str(run)], out=str(tmp_path / "b"), format="genai"))
     with pytest.raises(ValueError, match="--quantize int4 needs"):
         export(ExportArgs(runs=[str(run)], out=str(tmp_path / "b"), quantize="int4"))
+
+
+def test_generation_runtime_stays_torch_free(genai_folder):
+    """Predictor.generate on a builder decoder (IO binding, shared cache) loads no torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from ptedge.runtime import Predictor\n"
+        f"out = Predictor({str(genai_folder)!r}).generate([{{'sub_label': 'france'}}], "
+        "max_new_tokens=3)\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'tokens': out[0]['tokens']}))\n"
+    )
+    from conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT
+    ).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["torch"] is False
+    again = Predictor(genai_folder).generate([{"sub_label": "france"}], max_new_tokens=3)
+    assert res["tokens"] == again[0]["tokens"]
+
+
+def test_builder_decoder_converts_to_ort_format(gen_run, tmp_path):
+    m = export(ExportArgs(runs=[str(gen_run)], out=str(tmp_path / "b"), format="ort"))
+    assert m["ort"]["file"] == "model.ort"
+    p = Predictor(tmp_path / "b", prefer_ort=True)
+    want = Predictor(tmp_path / "b").generate(FACTS[:2], max_new_tokens=4)
+    assert p.generate(FACTS[:2], max_new_tokens=4) == want

@@ -16,6 +16,9 @@ of 32, activations quantized per block to int8 for the arithmetic, ``accuracy_le
 4; the LM head too, and a tied word embedding shares its int4/int8 table). The prompt
 rows and the task heads stay float at every precision. ``quantize_guarded`` picks the
 precision's recipe that keeps accuracy, as ``ptedge.export.quantize`` does for others.
+Measured on a SmolLM2 P36 generation prompt (107 dev facts, exact match, fp32 0.804):
+int8 0.804; int4 0.645, with float arithmetic 0.654 (so the loss is the 4-bit weights,
+not the int8 activations), asymmetric 0.664, k-quant 0.673, ``int4-mixed`` 0.776.
 
 Not responsible for: the builder environment (``builder``), graph edits
 (``decoder_graph``), parity checks, bundle files, the genai folder (``genai``).
@@ -42,7 +45,14 @@ RECIPES = {
     },
     "int4": {
         "int4": ("int4", {"accuracy_level": "4"}),
-        "int4-float": ("int4", {"accuracy_level": "1"}),
+        "int4-mixed": (
+            "int4",
+            {
+                "accuracy_level": "4",
+                "matmul_mixed_precision": "mixed_layers:int8,last_matmul:int8",
+                "shared_embeddings": "false",
+            },
+        ),
     },
 }
 METHODS = {
@@ -53,8 +63,10 @@ METHODS = {
     "level 1); prompt rows and task heads float",
     "int4": "MatMulNBits 4-bit weights in blocks of 32 (LM head and tied embedding too), "
     "activations int8 per block (accuracy level 4); prompt rows and task heads float",
-    "int4-float": "MatMulNBits 4-bit weights in blocks of 32, float arithmetic (accuracy "
-    "level 1); prompt rows and task heads float",
+    "int4-mixed": "MatMulNBits 4-bit weights in blocks of 32, 8-bit for the LM head and "
+    "the most sensitive projections (llama.cpp's choice: qkv and down projections of the "
+    "first and last eighth of the layers and every third layer), embedding float, "
+    "activations int8 per block (accuracy level 4); prompt rows and task heads float",
 }
 
 

@@ -49,9 +49,12 @@ def _node_reading(graph, name: str, op_types: tuple[str, ...]):
 
 
 def graft_prompt(model, table: np.ndarray, vocab_size: int) -> None:
-    """Give pseudo ids ``vocab_size + k`` the rows ``table[k]`` (n, H), in place."""
+    """Give pseudo ids ``vocab_size + k`` the rows ``table[k]`` (n, H), in place (nothing
+    to do for n = 0: a template without pseudo tokens)."""
     from onnx import TensorProto, helper, numpy_helper
 
+    if not len(table):
+        return
     g = model.graph
     emb = _node_reading(g, "input_ids", ("Gather", "GatherBlockQuantized"))
     words = emb.output[0] + ".words"

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ptedge.decoding import empty_past
 from ptedge.export import causal
 from ptedge.export.bundle import atomic_folder, check_out, store_weights_apart, write_manifest
 from ptedge.export.calibrate import calibrate, check_inputs
@@ -159,6 +160,17 @@ def _write_built(tmp: Path, runs, samples, args: ExportArgs) -> dict:
         }
         del s
         _log(f"genai: {extra['genai']}")
+    ort_entry = None
+    if args.format == "ort":
+        from ptedge.export.mobile import convert_to_ort
+
+        _log("converting to ORT format (onnxruntime mobile) ...")
+        feeds = graph_inputs(runs[0], samples[0][:4])
+        if generative:
+            s = session(tmp / model_file)
+            feeds = {k: feeds[k] for k in ("input_ids", "attention_mask")} | empty_past(s, 4)
+            del s
+        ort_entry = convert_to_ort(tmp, model_file, feeds=feeds)
     manifest = write_manifest(
         tmp,
         runs,
@@ -167,7 +179,7 @@ def _write_built(tmp: Path, runs, samples, args: ExportArgs) -> dict:
         parity=parity,
         dtype=args.dtype,
         quantization=quant,
-        ort=None,
+        ort=ort_entry,
         **extra,
     )
     size = sum(p.stat().st_size for p in tmp.iterdir()) / 1e6
