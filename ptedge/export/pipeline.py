@@ -160,6 +160,10 @@ def _write_built(tmp: Path, runs, samples, args: ExportArgs) -> dict:
         }
         del s
         _log(f"genai: {extra['genai']}")
+    _log("calibrating scores on dev records (temperature scaling) ...")
+    task_extra = calibrate(
+        session(tmp / model_file), runs, args.eval_file, args.reject, args.reject_max_drop
+    )
     ort_entry = None
     if args.format == "ort":
         from ptedge.export.mobile import convert_to_ort
@@ -180,6 +184,7 @@ def _write_built(tmp: Path, runs, samples, args: ExportArgs) -> dict:
         dtype=args.dtype,
         quantization=quant,
         ort=ort_entry,
+        task_extra=task_extra,
         **extra,
     )
     size = sum(p.stat().st_size for p in tmp.iterdir()) / 1e6
