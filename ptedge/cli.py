@@ -250,9 +250,10 @@ def _is_bundle(path: str) -> bool:
 @click.option("--out", required=True, help="Bundle folder to write (atomically).")
 @click.option(
     "--quantize",
-    type=click.Choice(["int8"]),
+    type=click.Choice(["int8", "int4"]),
     help="int8, accuracy-guarded: dynamic per-channel int8, else weight-only int8 blocks "
-    "(int8 arithmetic, then float arithmetic).",
+    "(int8 arithmetic, then float arithmetic). Llama-style causal LMs: onnxruntime-genai's "
+    "builder quantizes (MatMulNBits blocks of 32), int8 or int4, under the same guard.",
 )
 @click.option(
     "--eval",
@@ -276,10 +277,13 @@ def _is_bundle(path: str) -> bool:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["onnx", "ort"]),
+    type=click.Choice(["onnx", "ort", "genai"]),
     default="onnx",
     show_default=True,
-    help="ort: also write model.ort and its operator list, for onnxruntime mobile builds.",
+    help="ort: also write model.ort and its operator list, for onnxruntime mobile builds. "
+    "genai (--head generate runs on Llama-style backbones): also a folder "
+    "onnxruntime-genai loads as it is (genai_config.json, the prompt's pseudo tokens in "
+    "tokenizer.json, the prompt text in ptedge.json's genai.prompt).",
 )
 @click.option(
     "--dtype",
@@ -288,6 +292,15 @@ def _is_bundle(path: str) -> bool:
     show_default=True,
     help="fp16: half-size bundle for GPUs (CUDA provider), parity checked with an fp16 "
     "tolerance; inputs and outputs stay as in fp32. Not with --quantize.",
+)
+@click.option(
+    "--graph",
+    type=click.Choice(["auto", "trace"]),
+    default="auto",
+    show_default=True,
+    help="auto: onnxruntime-genai's builder for Llama-style causal LMs, tracing otherwise. "
+    "trace: TorchScript/optimum export for every backbone (the graphs of ptedge 0.1; no "
+    "builder environment needed).",
 )
 @click.option(
     "--force", is_flag=True, help="Replace a non-empty --out; write int8 even past --max-drop."
@@ -315,6 +328,7 @@ def export_cmd(
     max_drop,
     fmt,
     dtype,
+    graph,
     force,
     reject_file,
     reject_max_drop,
@@ -325,6 +339,13 @@ def export_cmd(
     folders). Every export checks onnxruntime against PyTorch on real records, and
     calibrates the shipped model's scores with a temperature fitted on each run's dev
     records (--eval FILE instead), so `score` is a probability you can threshold.
+    Llama-style causal LMs (model_type llama, mistral, qwen2) are built by
+    onnxruntime-genai's model builder (fused attention, rotary embedding, layer norms).
+    It needs transformers 5, so ptedge runs it in a virtual environment of its own,
+    made on first use with pip from PyPI (torch==2.13.0 CPU, transformers>=5,<6,
+    onnxruntime-genai==0.18.0; about 1.3 GB, a few minutes once) in
+    ~/.cache/ptedge/genai-builder-0.18.0, or in $PTEDGE_GENAI_BUILDER; builds are cached
+    in ~/.cache/ptedge/genai-builds ($PTEDGE_GENAI_BUILDS).
     """
     from ptedge.export import ExportArgs, export
 
@@ -341,6 +362,7 @@ def export_cmd(
             dtype=dtype,
             reject=reject_file,
             reject_max_drop=reject_max_drop,
+            graph=graph,
         )
     )
     click.echo(

@@ -40,6 +40,21 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _builder_builds_in_tmp(tmp_path_factory):
+    """onnxruntime-genai builds of tiny backbones go to a session folder, not the user's
+    cache (each session's tiny backbones are new folders; the builder environment itself
+    is shared, see ptedge.export.builder)."""
+    import os
+
+    if "PTEDGE_GENAI_BUILDS" in os.environ:
+        yield
+        return
+    os.environ["PTEDGE_GENAI_BUILDS"] = str(tmp_path_factory.mktemp("genai-builds"))
+    yield
+    del os.environ["PTEDGE_GENAI_BUILDS"]
+
+
 def shared_data(*parts: str) -> Path:
     """A path under ../shared/data, skipping the test when it is absent."""
     path = DATA.joinpath(*parts)

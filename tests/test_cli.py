@@ -43,6 +43,7 @@ KEY_OPTIONS = {
         "mlp",
     ],
     ("eval",): ["PATH", "--data", "--task", "accuracy"],
+    ("export",): ["--quantize", "int4", "--format", "genai", "PTEDGE_GENAI_BUILDER"],
 }
 
 

@@ -211,7 +211,9 @@ def _train_args(spec: Spec, model_dir: Path, out: Path, template: str, steps: in
     )
 
 
-def _export(run: Path, out: Path, quantize: str | None, spec: Spec, eval_max: int) -> None:
+def _export(
+    run: Path, out: Path, quantize: str | None, spec: Spec, eval_max: int, graph: str = "auto"
+) -> None:
     from ptedge.export import ExportArgs, export
 
     export(
@@ -219,6 +221,7 @@ def _export(run: Path, out: Path, quantize: str | None, spec: Spec, eval_max: in
             runs=[str(run)],
             out=str(out),
             quantize=quantize,
+            graph=graph,
             eval_file=str(spec.eval_file) if spec.eval_file else None,
             eval_max=eval_max,
             force=True,  # report the int8 guard's verdict instead of stopping the benchmark
@@ -781,6 +784,9 @@ def bench_model(spec: Spec, cache: bc.Cache, cfg: dict, times: dict) -> dict:
         with bc.Timer(times, f"{spec.name}: task graph vs full logits"):
             res["full_logits"] = full_logits(b, systems["ptedge_fp32"], lat_recs, batches, cfg)
     del systems
+    if spec.kind == "causal":
+        with bc.Timer(times, f"{spec.name}: bundle formats"):
+            res["formats"] = causal_formats(spec, b, cache, cfg, lat_recs, batches)
 
     with bc.Timer(times, f"{spec.name}: cold start"):
         cold = measure_cold(spec, b, lat_recs[-1], cfg["cold_repeats"])
@@ -1022,6 +1028,86 @@ def ratios(s: dict, training: dict) -> dict:
     }
 
 
+# -- causal LMs: bundle formats -------------------------------------------------------------
+
+# name -> (quantize, graph): the previous format (traced graphs, ptedge <= 0.1) and int4
+FORMATS = {
+    "trace_fp32": (None, "trace"),
+    "trace_int8": ("int8", "trace"),
+    "int4": ("int4", "auto"),
+}
+
+
+def causal_formats(spec: Spec, b: Built, cache: bc.Cache, cfg: dict, lat_recs, batches) -> dict:
+    """SmolLM2: today's bundles (onnxruntime-genai's builder graph: fp32, int8) against the
+    previous format (TorchScript graph, ``--graph trace``: fp32, int8) and int4, batch-1
+    latency each alone in a fresh process (PEFT's from ``alone_latency``), batch-32
+    throughput taking turns in one process, graph node counts, sizes, guard accuracy."""
+    import collections
+
+    import onnx
+
+    from ptedge.runtime import load_manifest
+
+    work = cache.work / spec.name
+    base = {"backbone": spec.backbone, "template": spec.template}
+    bundles = {"fp32": b.bundle_fp32, "int8": b.bundle_int8}
+    for name, (quant, graph) in FORMATS.items():
+        out = work / f"bundle-{name}"
+        params = {**base, "quantize": quant, "graph": graph, "eval_max": cfg["eval_max"]}
+        bundles[name] = cache.get(
+            out,
+            params | {"export": bc.EXPORT_REV},
+            lambda out=out, quant=quant, graph=graph: _export(
+                b.run, out, quant, spec, cfg["eval_max"], graph
+            ),
+            "ptedge.json",
+        )
+    res: dict = {}
+    for name, folder in bundles.items():
+        m = load_manifest(folder, verify=False)
+        model = onnx.load(str(folder / m["model"]), load_external_data=False)
+        ops = collections.Counter(n.op_type for n in model.graph.node)
+        q = m.get("quantization") or {}
+        g = next(iter((q.get("guard") or {}).values()), {})
+        res[name] = {
+            "nodes": len(model.graph.node),
+            "ops": dict(ops.most_common(6)),
+            "size_mb": bc.folder_bytes(folder) / 1e6,
+            "recipe": q.get("recipe"),
+            "guard": g,
+        }
+    names = list(bundles)
+    args = {n: {"system": "ptedge", "bundle": str(bundles[n])} for n in names}
+    common = {
+        "tools": str(Path(__file__).parent),
+        "threads": THREADS,
+        "records": lat_recs,
+        "warmup": cfg["warmup"],
+    }
+    alone: dict[str, list[float]] = {n: [] for n in names}
+    for rnd in range(cfg["alone_rounds"]):
+        for n in _rotations(names, rnd):
+            out = subprocess.run(
+                [sys.executable, "-c", ALONE_CHILD, json.dumps({**common, **args[n]})],
+                capture_output=True,
+                text=True,
+                cwd=bc.ROOT,
+            )
+            if out.returncode != 0:
+                tail = out.stderr.strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"latency child {n} failed: {tail[0]}")
+            alone[n] += json.loads(out.stdout.strip().splitlines()[-1])
+    systems = {n: PtedgeSystem(bundles[n]) for n in names}
+    tput = alternate_throughput(
+        {n: s.predict for n, s in systems.items()}, batches, cfg["tput_repeats"]
+    )
+    for n in names:
+        res[n]["latency_b1_alone_ms"] = lat_summary(alone[n])
+        res[n]["throughput_b32"] = tput[n]
+    return res
+
+
 # -- reports --------------------------------------------------------------------------------
 
 GOALS = [  # (ratio key, goal, text) on MiniLM
@@ -1157,6 +1243,7 @@ def markdown(result: dict) -> str:
                 f"samples/s; output per batch of 32: {ob['task_graph'] / 1e3:.1f} kB vs "
                 f"{ob['full_logits'] / 1e6:.0f} MB."
             )
+        lines += _formats_markdown(r)
         lines.append("")
     mini = result["models"].get("minilm")
     if mini:
@@ -1250,6 +1337,48 @@ def chart(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _formats_markdown(r: dict) -> list[str]:
+    """The causal-LM bundle-format table (``causal_formats``), with the goal row."""
+    fm = r.get("formats")
+    if not fm:
+        return []
+    f = bc.fmt
+    peft = r["systems"]["peft"]
+    lines = [
+        "",
+        "Bundle formats (`trace_*`: the previous TorchScript graphs, `--graph trace`; the "
+        "others: onnxruntime-genai's builder graph with the prompt rows and heads grafted "
+        "in). Latency: each alone in a fresh process, batch 1.",
+        "",
+        "| bundle | graph nodes | size (MB) | recipe | guard fp32 → quantized | p50 / p90 (ms) "
+        "| PEFT ÷ bundle (p50) | batch 32 (samples/s) |",
+        "|---|---:|---:|---|---|---:|---:|---:|",
+    ]
+    for n, x in fm.items():
+        g = x["guard"]
+        q = next(
+            (v for k, v in g.items() if k.endswith("_accuracy") and k != "fp32_accuracy"), None
+        )
+        lat = x["latency_b1_alone_ms"]
+        lines.append(
+            f"| {n} | {x['nodes']} | {x['size_mb']:.1f} | {x['recipe'] or '—'} | "
+            + (f"{f(g.get('fp32_accuracy'))} → {f(q)}" if g else "—")
+            + f" | {f(lat['p50'], 2)} / {f(lat['p90'], 2)} | "
+            f"{peft['latency_b1_alone_ms']['p50'] / lat['p50']:.2f}× | "
+            f"{f(x['throughput_b32'], 1)} |"
+        )
+    p50 = {n: x["latency_b1_alone_ms"]["p50"] for n, x in fm.items()}
+    best = min(("int8", "int4"), key=p50.get)
+    ratio = peft["latency_b1_alone_ms"]["p50"] / p50[best]
+    lines += [
+        "",
+        f"Goal: batch 1 alone, {best} ≥ 5× PEFT: {ratio:.2f}× "
+        f"({'met' if ratio >= 5 else 'not met'}); "
+        f"vs the previous int8 format: {p50['trace_int8'] / p50[best]:.2f}× faster.",
+    ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -74,11 +74,13 @@ def task_entry(run) -> dict:
 
 
 def write_manifest(folder: Path, runs, task_extra: dict[str, dict], **entries) -> dict:
-    """Copy the tokenizer in, then write ``ptedge.json`` with ``entries`` (model, io,
-    parity, dtype, quantization, ort), the backbone, the tasks (with ``task_extra[name]``
-    merged in: calibration, rejection) and every file's sha256."""
+    """Copy the tokenizer in (unless one was written, e.g. for genai), then write
+    ``ptedge.json`` with ``entries`` (model, io, parity, dtype, quantization, ort, genai),
+    the backbone, the tasks (with ``task_extra[name]`` merged in: calibration, rejection)
+    and every file's sha256."""
     cfg0 = runs[0].cfg
-    shutil.copy(Path(cfg0.model) / "tokenizer.json", folder / "tokenizer.json")
+    if not (folder / "tokenizer.json").is_file():
+        shutil.copy(Path(cfg0.model) / "tokenizer.json", folder / "tokenizer.json")
     manifest = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "ptedge_version": ptedge.__version__,

@@ -7,7 +7,9 @@ fused PyTorch graph (``parity``), export ONNX (``task_graph``, or ``decoder`` fo
 then optionally int8 under an accuracy guard (``quantize``) or fp16 for GPUs (``half``,
 checked again), calibrate the shipped model's scores and fit a rejection threshold
 (``calibrate``), ORT format for mobile (``mobile``), and write the bundle atomically
-(``bundle``).
+(``bundle``). Llama-style causal LMs take another road to the same files: their graphs
+come from onnxruntime-genai's builder (``causal``), quantized by it under the same guard,
+and a generation run can also be written as a folder onnxruntime-genai loads (``genai``).
 
 Not responsible for: how any one step is done; training; the runtime.
 """
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptedge.checks import check_export_data
+from ptedge.decoding import empty_past
+from ptedge.export import causal
 from ptedge.export.bundle import atomic_folder, check_out, store_weights_apart, write_manifest
 from ptedge.export.calibrate import calibrate, check_inputs
 from ptedge.export.decoder import export_decoder
@@ -32,6 +36,7 @@ from ptedge.fuse import fuse
 
 FP32_MODEL = "model.onnx"
 INT8_MODEL = "model.int8.onnx"
+INT4_MODEL = "model.int4.onnx"
 FP16_MODEL = "model.fp16.onnx"
 
 
@@ -39,15 +44,16 @@ FP16_MODEL = "model.fp16.onnx"
 class ExportArgs:
     runs: list[str]
     out: str
-    quantize: str | None = None  # None | "int8"
+    quantize: str | None = None  # None | "int8" | "int4" (int4: builder graphs only)
     eval_file: str | None = None
     eval_max: int = 1000  # records scored for the int8 guard
     max_drop: float = 1.0  # accuracy points int8 may lose
     force: bool = False
-    format: str = "onnx"  # onnx | ort (also model.ort + operator config, for mobile)
+    format: str = "onnx"  # onnx | ort (+ model.ort, for mobile) | genai (onnxruntime-genai)
     dtype: str = "fp32"  # fp32 | fp16 (for GPUs; exclusive with quantize)
     reject: str | None = None  # records of no label: fit a rejection threshold
     reject_max_drop: float = 1.0  # in-scope dev accuracy points rejection may cost
+    graph: str = "auto"  # auto (builder where it applies) | trace (TorchScript/optimum only)
 
 
 def _log(msg: str) -> None:
@@ -56,12 +62,14 @@ def _log(msg: str) -> None:
 
 def _check_args(args: ExportArgs) -> None:
     check_out(Path(args.out), args.force)
-    if args.format not in ("onnx", "ort"):
-        raise ValueError(f"--format {args.format!r}: choose onnx or ort")
-    if args.quantize not in (None, "int8"):
-        raise ValueError(f"--quantize {args.quantize!r}: only int8 is supported")
+    if args.format not in ("onnx", "ort", "genai"):
+        raise ValueError(f"--format {args.format!r}: choose onnx, ort or genai")
+    if args.quantize not in (None, "int8", "int4"):
+        raise ValueError(f"--quantize {args.quantize!r}: choose int8 or int4")
     if args.dtype not in ("fp32", "fp16"):
         raise ValueError(f"--dtype {args.dtype!r}: choose fp32 or fp16")
+    if args.graph not in ("auto", "trace"):
+        raise ValueError(f"--graph {args.graph!r}: choose auto or trace")
     if args.dtype == "fp16" and args.quantize:
         raise ValueError("--dtype fp16 and --quantize int8 exclude each other; choose one")
 
@@ -80,11 +88,117 @@ def export(args: ExportArgs) -> dict:
         + ", ".join(f"{r.name} ({r.cfg.n_pseudo} prompt tokens)" for r in runs)
     )
     generative = runs[0].cfg.head == "generate"
-    graph = None if generative else fuse([r.task for r in runs])
+    built = args.graph == "auto" and causal.uses_builder(runs, args.dtype)
+    _check_builder_args(args, runs, built, generative)
+    graph = None if generative or built else fuse([r.task for r in runs])
     if graph is not None:
         check_fused(graph, runs, samples)
     with atomic_folder(Path(args.out)) as tmp:
+        if built:
+            return _write_built(tmp, runs, samples, args)
         return _write_bundle(tmp, graph, runs, samples, args)
+
+
+def _check_builder_args(args: ExportArgs, runs, built: bool, generative: bool) -> None:
+    """Options only builder graphs have (int4, the genai folder) need one."""
+    if args.format == "genai" and not (built and generative):
+        raise ValueError(
+            "--format genai needs a --head generate run on a backbone onnxruntime-genai's "
+            f"builder takes ({', '.join(causal.builder.SUPPORTED_TYPES)}), in fp32/int8/int4"
+        )
+    if args.quantize == "int4" and not built:
+        raise ValueError(
+            "--quantize int4 needs a causal LM onnxruntime-genai's builder takes "
+            f"({', '.join(causal.builder.SUPPORTED_TYPES)}) with LM heads"
+        )
+
+
+def _write_built(tmp: Path, runs, samples, args: ExportArgs) -> dict:
+    """The bundle of a causal LM whose graphs come from onnxruntime-genai's builder."""
+    import onnxruntime as ort
+
+    def session(path: Path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    fp32 = tmp / FP32_MODEL
+    generative = runs[0].cfg.head == "generate"
+    if generative:
+        _log("building the KV-cache decoder (onnxruntime-genai's builder, prompt rows grafted) ...")
+        config = causal.build_decoder(runs[0], fp32)
+        nodes = config["nodes"]
+        s = session(fp32)
+        parity = {runs[0].name: check_generation_parity(s, runs[0], samples[0])}
+        outputs = {runs[0].name: "logits"}
+    else:
+        _log(
+            "building the task graph (onnxruntime-genai's builder; prompt rows, heads grafted) ..."
+        )
+        config, nodes = None, causal.build_task_graph(runs, fp32)
+        s = session(fp32)
+        parity = check_parity(s, runs, samples)
+        outputs = {r.name: output_name(r.name) for r in runs}
+    _log(f"graph: {nodes} nodes; parity {parity}")
+    inputs = [i.name for i in s.get_inputs()]
+    del s
+    model_file, quant = (
+        FP32_MODEL,
+        {"recipe": "fp32", "method": causal.METHODS["fp32"], "graph_nodes": nodes},
+    )
+    if args.quantize:
+        name = INT8_MODEL if args.quantize == "int8" else INT4_MODEL
+        _log(f"quantizing to {args.quantize} (builder recipes in order until the guard passes) ...")
+        quant = causal.quantize_guarded(fp32, tmp / name, runs, args)
+        _remove_model(fp32)
+        model_file = name
+    extra = {}
+    if args.format == "genai":
+        from ptedge.export import builder, genai
+
+        prompt = genai.write_folder(tmp, runs[0], model_file, config)
+        s = session(tmp / model_file)
+        _log("checking the folder with onnxruntime-genai (prompt ids and greedy tokens) ...")
+        extra["genai"] = {
+            "prompt": prompt,
+            "config": genai.GENAI_CONFIG,
+            "check": genai.check_genai(builder.ensure_env(), tmp, s, runs[0], samples[0], prompt),
+        }
+        del s
+        _log(f"genai: {extra['genai']}")
+    _log("calibrating scores on dev records (temperature scaling) ...")
+    task_extra = calibrate(
+        session(tmp / model_file), runs, args.eval_file, args.reject, args.reject_max_drop
+    )
+    ort_entry = None
+    if args.format == "ort":
+        from ptedge.export.mobile import convert_to_ort
+
+        _log("converting to ORT format (onnxruntime mobile) ...")
+        feeds = graph_inputs(runs[0], samples[0][:4])
+        if generative:
+            s = session(tmp / model_file)
+            feeds = {k: feeds[k] for k in ("input_ids", "attention_mask")} | empty_past(s, 4)
+            del s
+        ort_entry = convert_to_ort(tmp, model_file, feeds=feeds)
+    manifest = write_manifest(
+        tmp,
+        runs,
+        model=model_file,
+        io={"inputs": inputs, "outputs": outputs},
+        parity=parity,
+        dtype=args.dtype,
+        quantization=quant,
+        ort=ort_entry,
+        task_extra=task_extra,
+        **extra,
+    )
+    size = sum(p.stat().st_size for p in tmp.iterdir()) / 1e6
+    _log(f"bundle: {model_file}, {size:.1f} MB")
+    return manifest
+
+
+def _remove_model(path: Path) -> None:
+    path.unlink()
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
 
 
 def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
