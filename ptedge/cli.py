@@ -250,28 +250,35 @@ def _is_bundle(path: str) -> bool:
 @click.option("--out", required=True, help="Bundle folder to write (atomically).")
 @click.option(
     "--quantize",
-    type=click.Choice(["int8"]),
-    help="int8, accuracy-guarded: dynamic per-channel int8, else weight-only int8 blocks "
-    "(int8 arithmetic, then float arithmetic).",
+    type=click.Choice(["int8", "int4"]),
+    help="Quantize, accuracy-guarded (recipes tried in order until every task stays within "
+    "--max-drop). int8: static int8 (encoders), else weight-only int8 blocks; int4: "
+    "4-bit weight blocks. A record's answer never depends on the rest of its batch.",
 )
 @click.option(
     "--eval",
     "eval_file",
-    help="Labelled records for the int8 guard (default: each run's dev file).",
+    help="Labelled records for the int8/int4 guard (default: each run's dev file).",
 )
 @click.option(
     "--eval-max",
     type=int,
     default=1000,
     show_default=True,
-    help="At most this many records are scored by the int8 guard.",
+    help="At most this many records are scored by the int8/int4 guard.",
 )
 @click.option(
     "--max-drop",
     type=float,
     default=1.0,
     show_default=True,
-    help="Accuracy points int8 may lose before the export is refused.",
+    help="Accuracy points int8/int4 may lose before the export is refused.",
+)
+@click.option(
+    "--allow-accuracy-drop",
+    is_flag=True,
+    help="Write int8/int4 even when it loses more than --max-drop (the recipe that lost "
+    "least; the guard's figures stay in ptedge.json).",
 )
 @click.option(
     "--format",
@@ -289,9 +296,7 @@ def _is_bundle(path: str) -> bool:
     help="fp16: half-size bundle for GPUs (CUDA provider), parity checked with an fp16 "
     "tolerance; inputs and outputs stay as in fp32. Not with --quantize.",
 )
-@click.option(
-    "--force", is_flag=True, help="Replace a non-empty --out; write int8 even past --max-drop."
-)
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.option(
     "--reject",
     "reject_file",
@@ -313,6 +318,7 @@ def export_cmd(
     eval_file,
     eval_max,
     max_drop,
+    allow_accuracy_drop,
     fmt,
     dtype,
     force,
@@ -336,6 +342,7 @@ def export_cmd(
             eval_file=eval_file,
             eval_max=eval_max,
             max_drop=max_drop,
+            allow_accuracy_drop=allow_accuracy_drop,
             force=force,
             format=fmt,
             dtype=dtype,

@@ -9,8 +9,9 @@ One module per job, each importing only those listed before it (never back up):
 - ``parity``: the checks every exported graph must pass (``ParityError``);
 - ``task_graph``, ``decoder``: ONNX export of classification/vocabulary task graphs and
   of KV-cache decoders;
-- ``quantize``: int8 recipes and the accuracy guard that decides which one ships;
 - ``bundle``: the manifest, file hashes, atomic writing;
+- ``quant_graph``, ``quantize``: the graph rewrites quantization is made of, and the
+  int8/int4 recipes with the accuracy guard that decides which one ships;
 - ``calibrate``: the temperature and rejection threshold fitted on the shipped model;
 - ``pipeline``: ``ptedge export`` itself (``ExportArgs``, ``export``), re-exported here.
 
