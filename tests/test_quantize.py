@@ -148,11 +148,12 @@ def test_static_int8_graph_has_constant_scales_and_float_heads(tiny_runs, tmp_pa
     }
 
 
-def test_int4_has_4bit_blocks_and_keeps_labels(tiny_runs, tmp_path):
+def test_int4_has_4bit_blocks_keeps_labels_and_converts_to_ort(tiny_runs, tmp_path):
     runs, data = tiny_runs
     _export(runs["bert"], tmp_path / "fp32", data)
-    m = _export(runs["bert"], tmp_path / "int4", data, quantize="int4", max_drop=100)
+    m = _export(runs["bert"], tmp_path / "int4", data, quantize="int4", max_drop=100, format="ort")
     assert m["model"] == "model.int4.onnx"
+    assert m["ort"]["file"] == "model.int4.ort" and m["ort"]["parity"]["labels_equal"] == 1.0
     assert m["quantization"]["recipe"] == "int4"
     graph = onnx.load(str(tmp_path / "int4" / "model.int4.onnx")).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
