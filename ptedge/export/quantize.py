@@ -228,14 +228,15 @@ def _source(path) -> dict:
 
 
 def _context(fp32: Path, runs, data: dict) -> Context:
-    """Heads to leave float, the encoder's shape, and calibration feeds from each task's
-    guard data (single records: no padding)."""
+    """Heads to leave float, the encoder's shape, and for task graphs calibration feeds
+    from each task's guard data (single records: no padding)."""
     import onnx
 
     ctx = Context(excluded=excluded_nodes(onnx.load(str(fp32), load_external_data=False)))
-    if runs[0].cfg.causal:
+    if not runs[0].cfg.causal:
+        ctx.encoder = encoder_shape(runs[0].cfg.model)
+    if runs[0].cfg.head == "generate":  # a KV-cache decoder takes other feeds
         return ctx
-    ctx.encoder = encoder_shape(runs[0].cfg.model)
     for run in runs:
         path, recs, _ = data[run.name]
         need = record_fields(run.compiled)
