@@ -251,28 +251,35 @@ def _is_bundle(path: str) -> bool:
 @click.option(
     "--quantize",
     type=click.Choice(["int8", "int4"]),
-    help="int8, accuracy-guarded: dynamic per-channel int8, else weight-only int8 blocks "
-    "(int8 arithmetic, then float arithmetic). Llama-style causal LMs: onnxruntime-genai's "
-    "builder quantizes (MatMulNBits blocks of 32), int8 or int4, under the same guard.",
+    help="Quantize, accuracy-guarded (recipes tried in order until every task stays within "
+    "--max-drop). int8: static int8 (encoders), else weight-only int8 blocks; int4: 4-bit "
+    "weight blocks. Llama-style causal LMs: onnxruntime-genai's builder quantizes (blocks of "
+    "32). A record's answer never depends on the rest of its batch.",
 )
 @click.option(
     "--eval",
     "eval_file",
-    help="Labelled records for the int8 guard (default: each run's dev file).",
+    help="Labelled records for the int8/int4 guard (default: each run's dev file).",
 )
 @click.option(
     "--eval-max",
     type=int,
     default=1000,
     show_default=True,
-    help="At most this many records are scored by the int8 guard.",
+    help="At most this many records are scored by the int8/int4 guard.",
 )
 @click.option(
     "--max-drop",
     type=float,
     default=1.0,
     show_default=True,
-    help="Accuracy points int8 may lose before the export is refused.",
+    help="Accuracy points int8/int4 may lose before the export is refused.",
+)
+@click.option(
+    "--allow-accuracy-drop",
+    is_flag=True,
+    help="Write int8/int4 even when it loses more than --max-drop (the recipe that lost "
+    "least; the guard's figures stay in ptedge.json).",
 )
 @click.option(
     "--format",
@@ -302,9 +309,7 @@ def _is_bundle(path: str) -> bool:
     "trace: TorchScript/optimum export for every backbone (the graphs of ptedge 0.1; no "
     "builder environment needed).",
 )
-@click.option(
-    "--force", is_flag=True, help="Replace a non-empty --out; write int8 even past --max-drop."
-)
+@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
 @click.option(
     "--reject",
     "reject_file",
@@ -326,6 +331,7 @@ def export_cmd(
     eval_file,
     eval_max,
     max_drop,
+    allow_accuracy_drop,
     fmt,
     dtype,
     graph,
@@ -357,6 +363,7 @@ def export_cmd(
             eval_file=eval_file,
             eval_max=eval_max,
             max_drop=max_drop,
+            allow_accuracy_drop=allow_accuracy_drop,
             force=force,
             format=fmt,
             dtype=dtype,

@@ -67,7 +67,13 @@ def test_bench_speed_quick(tmp_path):
         assert r["training"]["peft"]["samples_per_s"] > 0
         assert set(r["runtime_overhead"]) == {"ptedge_fp32", "ptedge_int8"}
         assert 0 < r["int8"]["size_fraction_of_fp32"] < 1
-    overhead = data["models"]["minilm"]["prompt_overhead"]
+    minilm = data["models"]["minilm"]
+    for s in ("ptedge_int4", "ptedge_int8_dynamic"):  # new int4, the previous int8 recipe
+        assert minilm["systems"][s]["latency_b1_alone_ms"]["p50"] > 0
+        assert minilm["quantized"][s]["peft_over_p50"] > 0
+    assert minilm["quantized"]["ptedge_int8"]["recipe"] == "static"
+    assert minilm["quantized"]["ptedge_int8_dynamic"]["recipe"] == "all"
+    overhead = minilm["prompt_overhead"]
     assert set(overhead) == {"fp32", "int8"}  # quick: MiniLM only
     for po in overhead.values():
         assert po["aa_b1_ms"]["p50"] > 0  # the A/A control ran

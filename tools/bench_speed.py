@@ -1,4 +1,4 @@
-"""Speed and size: PEFT P-tuning in PyTorch against ptedge fp32 and int8 bundles (issue 5).
+"""Speed and size: PEFT P-tuning in PyTorch against ptedge fp32, int8 and int4 bundles.
 
 Two backbones, each with a real task: all-MiniLM-L6-v2 on BANKING77 (linear head, 6 prompt
 tokens) and SmolLM2-135M on SST-2 (verbalizer negative/positive, 10 prompt tokens). For
@@ -14,7 +14,11 @@ that drift of this shared machine hits all of them (latency in blocks of calls, 
   tokenizer) to labels and probabilities. For SmolLM2 PEFT is given ``logits_to_keep=1``
   (only the last position goes through the LM head) and left padding, its best case.
 - ``ptedge_fp32`` / ``ptedge_int8``: ``ptedge.runtime.Predictor(bundle, threads=2)``,
-  ``predict`` from records to labels.
+  ``predict`` from records to labels;
+- MiniLM also: ``ptedge_int4`` (``--quantize int4``) and ``ptedge_int8_dynamic``, the int8
+  recipe bundles had before static activation scales (recipe ``all``: onnxruntime's dynamic
+  quantization of the fused encoder, one activation scale per batch, rebuilt here by
+  ``previous_int8``), side by side with the rest.
 
 Measured:
 - batch-1 latency p50/p90 over real test sentences (after warm-up); also with each system
@@ -129,6 +133,7 @@ class Spec:
     verbalizer: dict | None = None
     eval_file: Path | None = None
     peft_format: str = "{}"  # PEFT's input text, from the record's field
+    extra: tuple[str, ...] = ()  # more ptedge systems: "int4", "int8_dynamic"
 
     def peft_text(self, record: dict) -> str:
         return self.peft_format.format(record[self.field])
@@ -152,6 +157,7 @@ def specs() -> dict[str, Spec]:
             head="linear",
             n_virtual=bc.B77_VIRTUAL,
             train_batch=32,
+            extra=("int4", "int8_dynamic"),
         ),
         "smollm2": Spec(
             name="smollm2",
@@ -224,7 +230,8 @@ def _export(
             graph=graph,
             eval_file=str(spec.eval_file) if spec.eval_file else None,
             eval_max=eval_max,
-            force=True,  # report the int8 guard's verdict instead of stopping the benchmark
+            force=True,
+            allow_accuracy_drop=True,  # report the guard's verdict, do not stop the benchmark
         )
     )
 
@@ -300,6 +307,21 @@ def build(spec: Spec, cache: bc.Cache, cfg: dict) -> Built:
             "ptedge.json",
         )
 
+    extra = {}
+    for x in spec.extra:
+        out = work / f"bundle-{x}"
+        make = (
+            (lambda out=out: previous_int8(bundles["bundle-fp32"], out, model_dir))
+            if x == "int8_dynamic"
+            else (lambda out=out, x=x: _export(run, out, x, spec, cfg["eval_max"]))
+        )
+        extra[f"ptedge_{x}"] = cache.get(
+            out,
+            {**base, "quantize": x, "eval_max": cfg["eval_max"], "export": bc.EXPORT_REV},
+            make,
+            "ptedge.json",
+        )
+
     def build_adapter():
         pm = bc.peft_new(spec.kind, model_dir, spec.n_virtual, len(labels))
         examples = peft_examples(spec, tok, labels)
@@ -344,7 +366,47 @@ def build(spec: Spec, cache: bc.Cache, cfg: dict) -> Built:
         labels=labels,
         label_ids=label_ids,
         full_logits=full,
+        extra=extra,
     )
+
+
+def previous_int8(fp32_bundle: Path, out: Path, model_dir: Path) -> None:
+    """The int8 bundle of the recipe before static scales (``all``), for comparison only:
+    the fused encoder through onnxruntime's dynamic quantization (one activation scale
+    per batch, so answers depend on the batch), the embedding per-row int8; the head
+    exclusion by its Gemm name, which the dynamic quantizer's Gemm->MatMul rename defeated."""
+    import shutil
+
+    import onnx
+
+    from ptedge.config import BUNDLE_MANIFEST, read_json, write_json_atomic
+    from ptedge.export import quant_graph as qg
+    from ptedge.export.bundle import sha256_file, store_weights_apart
+    from ptedge.export.fusion import encoder_shape, fuse_encoder
+
+    manifest = read_json(fp32_bundle / BUNDLE_MANIFEST)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    shutil.copy(fp32_bundle / "tokenizer.json", out / "tokenizer.json")
+    model = onnx.load(str(fp32_bundle / manifest["model"]))
+    heads = [n.name for n in model.graph.node if n.name.startswith(("/heads", "/lm_head"))]
+    shape = encoder_shape(model_dir)
+    fused, int8 = out / "fused.onnx", out / "model.int8.onnx"
+    fuse_encoder(fp32_bundle / manifest["model"], fused, shape)
+    qg.quantize_dynamic_int8(fused, int8, heads)
+    fused.unlink()
+    model = onnx.load(str(int8))
+    qg.quantize_embedding_rows(model)
+    onnx.save(model, str(int8))
+    store_weights_apart(int8)
+    manifest["model"] = int8.name
+    manifest["quantization"] = {
+        "recipe": "all",
+        "precision": "int8",
+        "method": previous_int8.__doc__,
+    }
+    manifest["files"] = {f.name: sha256_file(f) for f in sorted(out.iterdir()) if f.is_file()}
+    write_json_atomic(out / BUNDLE_MANIFEST, manifest)
 
 
 # -- the systems ---------------------------------------------------------------------------
@@ -408,6 +470,11 @@ class PtedgeSystem:
 
     def tokens(self, record: dict) -> int:
         return int(self.feeds([record])["attention_mask"].sum())
+
+
+def systems_of(b: Built) -> tuple[str, ...]:
+    """The systems measured on one backbone: PEFT, ptedge fp32 and int8, then its extras."""
+    return SYSTEMS + tuple(b.extra)
 
 
 def _rotations(items: list, i: int) -> list:
@@ -573,6 +640,10 @@ def measure_cold(spec: Spec, b: Built, record: dict, repeats: int) -> dict:
             PTEDGE_CHILD,
             {"bundle": str(b.bundle_int8), "record": record, "threads": THREADS},
         ),
+        **{
+            n: (PTEDGE_CHILD, {"bundle": str(path), "record": record, "threads": THREADS})
+            for n, path in b.extra.items()
+        },
     }
     runs: dict[str, list[dict]] = {n: [] for n in jobs}
     for code, a in jobs.values():  # warm the page cache once, not measured
@@ -637,10 +708,11 @@ def alone_latency(spec: Spec, b: Built, records: list[dict], cfg: dict) -> dict:
         },
         "ptedge_fp32": {"system": "ptedge", "bundle": str(b.bundle_fp32)},
         "ptedge_int8": {"system": "ptedge", "bundle": str(b.bundle_int8)},
+        **{n: {"system": "ptedge", "bundle": str(path)} for n, path in b.extra.items()},
     }
-    times: dict[str, list[float]] = {n: [] for n in SYSTEMS}
+    times: dict[str, list[float]] = {n: [] for n in systems_of(b)}
     for rnd in range(cfg["alone_rounds"]):
-        for n in _rotations(list(SYSTEMS), rnd):
+        for n in _rotations(list(systems_of(b)), rnd):
             out = subprocess.run(
                 [sys.executable, "-c", ALONE_CHILD, json.dumps({**common, **args[n]})],
                 capture_output=True,
@@ -733,6 +805,7 @@ def bench_model(spec: Spec, cache: bc.Cache, cfg: dict, times: dict) -> dict:
             "peft": PeftSystem(spec, b),
             "ptedge_fp32": PtedgeSystem(b.bundle_fp32),
             "ptedge_int8": PtedgeSystem(b.bundle_int8),
+            **{n: PtedgeSystem(path) for n, path in b.extra.items()},
         }
         one = {n: (lambda r, s=s: s.predict([r])) for n, s in systems.items()}
         lat = alternate_latency(one, lat_recs, cfg["warmup"])
@@ -805,8 +878,9 @@ def bench_model(spec: Spec, cache: bc.Cache, cfg: dict, times: dict) -> dict:
         + bc.folder_bytes(b.adapter),
         "ptedge_fp32": bc.folder_bytes(b.bundle_fp32),
         "ptedge_int8": bc.folder_bytes(b.bundle_int8),
+        **{n: bc.folder_bytes(path) for n, path in b.extra.items()},
     }
-    for n in SYSTEMS:
+    for n in systems_of(b):
         sys_res[n]["latency_b1_alone_ms"] = lat_summary(alone[n])
         sys_res[n]["cold_start_s"] = cold[n]["s"]
         sys_res[n]["cold_peak_rss_mb"] = cold[n]["peak_rss_mb"]
@@ -818,6 +892,7 @@ def bench_model(spec: Spec, cache: bc.Cache, cfg: dict, times: dict) -> dict:
     res["systems"] = sys_res
     res["int8"] = int8_summary(b)
     res["ratios_peft_over_int8"] = ratios(sys_res, res["training"])
+    res["quantized"] = quantized_summary(b, sys_res)
     return res
 
 
@@ -1000,7 +1075,7 @@ def int8_summary(b: Built) -> dict:
     int8_mb = bc.folder_bytes(b.bundle_int8) / 1e6
     drop = None
     if "fp32_accuracy" in g:
-        drop = 100 * (g["fp32_accuracy"] - g["int8_accuracy"])
+        drop = 100 * (g["fp32_accuracy"] - g["quantized_accuracy"])
     return {
         "size_fraction_of_fp32": int8_mb / fp32_mb,
         "guard": g,
@@ -1009,6 +1084,28 @@ def int8_summary(b: Built) -> dict:
         "recipe": q.get("recipe"),
         "guard_max_drop_points": q.get("max_drop_points"),
     }
+
+
+def quantized_summary(b: Built, s: dict) -> dict:
+    """Each quantized ptedge system: its recipe, size, guard accuracy, and PEFT's batch-1
+    p50 (in-process and alone) over its own."""
+    from ptedge.runtime import load_manifest
+
+    out = {}
+    bundles = {"ptedge_int8": b.bundle_int8, **b.extra}
+    for n, path in bundles.items():
+        q = load_manifest(path, verify=False).get("quantization") or {}
+        g = next(iter((q.get("guard") or {}).values()), {})
+        out[n] = {
+            "recipe": q.get("recipe"),
+            "size_mb": s[n]["size_mb"],
+            "fp32_accuracy": g.get("fp32_accuracy"),
+            "quantized_accuracy": g.get("quantized_accuracy"),
+            "peft_over_p50": s["peft"]["latency_b1_ms"]["p50"] / s[n]["latency_b1_ms"]["p50"],
+            "peft_over_alone_p50": s["peft"]["latency_b1_alone_ms"]["p50"]
+            / s[n]["latency_b1_alone_ms"]["p50"],
+        }
+    return out
 
 
 def ratios(s: dict, training: dict) -> dict:
@@ -1110,6 +1207,21 @@ def causal_formats(spec: Spec, b: Built, cache: bc.Cache, cfg: dict, lat_recs, b
 
 # -- reports --------------------------------------------------------------------------------
 
+LABELS = {
+    "peft": "PEFT (PyTorch)",
+    "ptedge_fp32": "ptedge fp32",
+    "ptedge_int8": "ptedge int8",
+    "ptedge_int4": "ptedge int4",
+    "ptedge_int8_dynamic": "ptedge int8, previous recipe",
+}
+COLORS = {
+    "peft": "tab:red",
+    "ptedge_fp32": "tab:blue",
+    "ptedge_int8": "tab:green",
+    "ptedge_int4": "tab:olive",
+    "ptedge_int8_dynamic": "tab:gray",
+}
+
 GOALS = [  # (ratio key, goal, text) on MiniLM
     ("latency_p50", 5.0, "batch-1 latency ≥ 5×"),
     ("cold_start", 10.0, "cold start ≥ 10×"),
@@ -1134,13 +1246,14 @@ def markdown(result: dict) -> str:
             lines += [note, ""]
     for r in result["models"].values():
         s = r["systems"]
+        names = list(s)
         lines += [
             f"## {r['backbone']} on {r['task']}",
             "",
             f"ptedge template `{r['template']!r}`; PEFT input: {r['peft_input']}.",
             "",
-            "| | PEFT (PyTorch) | ptedge fp32 | ptedge int8 | PEFT ÷ ptedge int8 |",
-            "|---|---:|---:|---:|---:|",
+            "| | " + " | ".join(LABELS[n] for n in names) + " | PEFT ÷ ptedge int8 |",
+            "|---|" + "---:|" * (len(names) + 1),
         ]
         ra = r["ratios_peft_over_int8"]
         rows = [
@@ -1176,7 +1289,7 @@ def markdown(result: dict) -> str:
             ("tokens per sentence (mean)", lambda x: x["tokens_mean"], 1, None),
         ]
         for label, get, d, key in rows:
-            cells = [f(float(get(s[n])), d) for n in SYSTEMS]
+            cells = [f(float(get(s[n])), d) for n in names]
             ratio = f"{ra[key]:.2f}×" if key else ""
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
         tr = r["training"]
@@ -1194,7 +1307,7 @@ def markdown(result: dict) -> str:
             "between blocks), so no system runs beside another's still-spinning worker threads."
             + (
                 " With turns after every call instead, p50 is "
-                + ", ".join(f"{n} {f(il[n], 2)} ms" for n in SYSTEMS)
+                + ", ".join(f"{n} {f(il[n], 2)} ms" for n in names)
                 + f" (PEFT ÷ int8 {il['peft'] / il['ptedge_int8']:.2f}×)."
                 if il
                 else ""
@@ -1213,10 +1326,30 @@ def markdown(result: dict) -> str:
             f"- int8 bundle (recipe `{i8.get('recipe')}`) = "
             f"{100 * i8['size_fraction_of_fp32']:.0f}% of the fp32 bundle's size; export "
             f"guard accuracy fp32 {f(g.get('fp32_accuracy'))} → int8 "
-            f"{f(g.get('int8_accuracy'))} on {g.get('n', '?')} records of "
-            f"`{Path(str(g.get('data', '?'))).name}` ({f(i8['accuracy_drop_points'], 2)} points "
+            f"{f(g.get('quantized_accuracy'))} on {g['data']['n']} records of "
+            f"`{g['data']['file']}` ({f(i8['accuracy_drop_points'], 2)} points "
             "lost; briefly trained prompts: see quality.md for trained accuracy)."
         )
+        for n, q in r.get("quantized", {}).items():
+            lines.append(
+                f"- {LABELS[n]} (recipe `{q['recipe']}`): {f(q['size_mb'], 1)} MB; PEFT ÷ it, "
+                f"batch-1 p50 {q['peft_over_p50']:.2f}× (alone in a process "
+                f"{q['peft_over_alone_p50']:.2f}×)"
+                + (
+                    f"; export guard accuracy fp32 {f(q['fp32_accuracy'])} → "
+                    f"{f(q['quantized_accuracy'])}."
+                    if q["quantized_accuracy"] is not None
+                    else "."
+                )
+            )
+        if "ptedge_int8_dynamic" in s:
+            old, new = s["ptedge_int8_dynamic"], s["ptedge_int8"]
+            lines.append(
+                "- Previous int8 recipe ÷ this int8, batch-1 p50: "
+                f"{old['latency_b1_ms']['p50'] / new['latency_b1_ms']['p50']:.2f}× in-process, "
+                f"{old['latency_b1_alone_ms']['p50'] / new['latency_b1_alone_ms']['p50']:.2f}× "
+                "alone in a process (above 1: this recipe is faster)."
+            )
         for prec, po in r["prompt_overhead"].items():
             lines.append(
                 f"- Prompt overhead ({prec}, bare `session.run`, same {po['prompt_tokens']}-token-"
@@ -1301,13 +1434,14 @@ def chart(result: dict, path: Path) -> None:
     ]
     models = list(result["models"])
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    colors = {"peft": "tab:red", "ptedge_fp32": "tab:blue", "ptedge_int8": "tab:green"}
+    names = list(dict.fromkeys(n for m in models for n in result["models"][m]["systems"]))
     x = np.arange(len(models))
-    wdt = 0.27
+    wdt = 0.8 / len(names)
     for ax, (title, get) in zip(axes.flat[:5], panels, strict=True):
-        for k, n in enumerate(SYSTEMS):
-            vals = [get(result["models"][m]["systems"][n]) for m in models]
-            ax.bar(x + (k - 1) * wdt, vals, wdt, label=n, color=colors[n])
+        for k, n in enumerate(names):
+            got = [result["models"][m]["systems"].get(n) for m in models]
+            vals = [get(g) if g else 0 for g in got]
+            ax.bar(x + (k - (len(names) - 1) / 2) * wdt, vals, wdt, label=n, color=COLORS[n])
         ax.set_xticks(x, models)
         ax.set_title(title, fontsize=10)
         if "log" in title:

@@ -9,13 +9,14 @@ One module per job, each importing only those listed before it (never back up):
 - ``parity``: the checks every exported graph must pass (``ParityError``);
 - ``task_graph``, ``decoder``: ONNX export of classification/vocabulary task graphs and
   of KV-cache decoders by tracing (TorchScript, optimum);
+- ``bundle``: the manifest, file hashes, atomic writing;
+- ``quant_graph``, ``quantize``: the graph rewrites quantization is made of, and the
+  int8/int4 recipes with the accuracy guard that decides which one ships;
 - ``builder``, ``decoder_graph``: onnxruntime-genai's model builder in its own
   environment, and the edits that graft prompt rows and task heads into its graphs;
-- ``quantize``: int8 recipes and the accuracy guard that decides which one ships;
 - ``causal``: Llama-style causal LMs through the builder (task graphs, decoders, their
   int8/int4 recipes under the same guard);
 - ``genai``: ``--format genai``, folders onnxruntime-genai loads as they are;
-- ``bundle``: the manifest, file hashes, atomic writing;
 - ``calibrate``: the temperature and rejection threshold fitted on the shipped model;
 - ``pipeline``: ``ptedge export`` itself (``ExportArgs``, ``export``), re-exported here.
 

@@ -32,6 +32,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def data_source(path) -> dict:
+    """What a manifest says of a data file: its name and sha256, never its path."""
+    return {"file": Path(path).name, "sha256": sha256_file(Path(path))}
+
+
 def store_weights_apart(path: Path) -> None:
     """Rewrite an ONNX file with its weights in ``<name>.data`` beside it (ONNX external data).
 

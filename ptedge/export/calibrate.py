@@ -24,7 +24,7 @@ import numpy as np
 
 from ptedge import calibration
 from ptedge.data import Records, read_records, require_fields
-from ptedge.export.bundle import sha256_file
+from ptedge.export.bundle import data_source
 from ptedge.export.scoring import onnx_scores
 from ptedge.targets import class_targets, vocab_targets
 from ptedge.template import record_fields
@@ -35,11 +35,6 @@ BATCH = 32
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _source(path: str) -> dict:
-    """What the manifest says of a data file: its name and sha256, never its path."""
-    return {"file": Path(path).name, "sha256": sha256_file(Path(path))}
 
 
 def dev_file(run, eval_file: str | None) -> str | None:
@@ -108,7 +103,7 @@ def calibrate(session, runs, eval_file: str | None, reject_file: str | None, max
         correct = cal.argmax(-1) == targets
         entry["calibration"] = {
             "temperature": t,
-            "data": {**_source(path), "n": len(recs)},
+            "data": {**data_source(path), "n": len(recs)},
             "ece_before": calibration.ece(raw.max(-1), correct),
             "ece_after": calibration.ece(cal.max(-1), correct),
             "nll_before": calibration.nll(scores, targets),
@@ -144,5 +139,5 @@ def _reject(session, run, reject_file: str, conf, correct, temperature: float, m
             "accuracy": float(correct.mean()),
             "accuracy_kept": float(kept.mean()),
         },
-        "out_of_scope": {**_source(reject_file), "n": len(oos), "recall": recall},
+        "out_of_scope": {**data_source(reject_file), "n": len(oos), "recall": recall},
     }

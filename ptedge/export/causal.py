@@ -131,19 +131,20 @@ def build_decoder(run, path: Path, recipe: tuple[str, dict] = ("fp32", {})) -> d
 def quantize_guarded(fp32: Path, out: Path, runs, args) -> dict:
     """The first recipe of ``args.quantize`` whose graph keeps every task within
     ``args.max_drop`` points of the fp32 graph on its guard data (as
-    ``ptedge.export.quantize.quantize_guarded``); refused, or with ``args.force`` the
+    ``ptedge.export.quantize.quantize_guarded``); refused, or with ``args.allow_accuracy_drop`` the
     least bad recipe written, when none does."""
     import onnxruntime as ort
 
-    from ptedge.export.quantize import _guard_data, _task_accuracy
+    from ptedge.export.bundle import data_source
+    from ptedge.export.quantize import guard_data, task_accuracy
 
     def session(p):
         return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
 
     generative = runs[0].cfg.head == "generate"
-    data = {r.name: _guard_data(r, args) for r in runs}
+    data = {r.name: guard_data(r, args) for r in runs}
     ref = session(fp32)
-    base = {r.name: _task_accuracy(ref, r, *data[r.name][1:]) for r in runs}
+    base = {r.name: task_accuracy(ref, r, *data[r.name][1:]) for r in runs}
     del ref
     tried = []
     for name, recipe in RECIPES[args.quantize].items():
@@ -155,28 +156,26 @@ def quantize_guarded(fp32: Path, out: Path, runs, args) -> dict:
         guard = {}
         for r in runs:
             path, recs, targets = data[r.name]
-            acc = _task_accuracy(s, r, recs, targets)
+            acc = task_accuracy(s, r, recs, targets)
             guard[r.name] = {
-                "data": str(path),
-                "n": sum(t is not None for t in targets),
+                "data": {**data_source(path), "n": sum(t is not None for t in targets)},
                 "fp32_accuracy": base[r.name],
-                f"{args.quantize}_accuracy": acc,
+                "quantized_accuracy": acc,
             }
             _log(
                 f"{args.quantize} guard ({name}) {r.name}: fp32 {base[r.name]:.4f}, "
                 f"{args.quantize} {acc:.4f} ({100 * (base[r.name] - acc):+.2f} points lost) "
-                f"on {path}"
+                f"on {guard[r.name]['data']['n']} records of {Path(path).name}"
             )
         del s
-        worst = max(
-            100 * (g["fp32_accuracy"] - g[f"{args.quantize}_accuracy"]) for g in guard.values()
-        )
+        worst = max(100 * (g["fp32_accuracy"] - g["quantized_accuracy"]) for g in guard.values())
         info = {
             "recipe": name,
+            "precision": args.quantize,
             "method": METHODS[name],
             "graph_nodes": nodes,
             "fp32_bytes": _size(fp32),
-            f"{args.quantize}_bytes": _size(out),
+            "bytes": _size(out),
             "guard": guard,
             "max_drop_points": worst,
         }
@@ -184,12 +183,16 @@ def quantize_guarded(fp32: Path, out: Path, runs, args) -> dict:
             return info
         tried.append((worst, name, info))
     worst, name, info = min(tried, key=lambda t: t[0])
-    if not args.force:
+    if not args.allow_accuracy_drop:
         raise ValueError(
             f"{args.quantize} loses up to {worst:.2f} accuracy points even with recipe "
-            f"{name!r} (limit --max-drop {args.max_drop}); use --force to write it anyway"
+            f"{name!r} (limit --max-drop {args.max_drop}); use --allow-accuracy-drop to write "
+            "it anyway"
         )
-    _log(f"warning: writing {args.quantize} past --max-drop (--force): {worst:.2f} points lost")
+    _log(
+        f"warning: writing {args.quantize} past --max-drop (--allow-accuracy-drop): "
+        f"{worst:.2f} points lost"
+    )
     if name != list(RECIPES[args.quantize])[-1]:
         recipe = RECIPES[args.quantize][name]
         if generative:

@@ -1,4 +1,4 @@
-"""Operator fusion of encoder task graphs before dynamic int8 (onnxruntime's transformer
+"""Operator fusion of encoder task graphs before int8/int4 (onnxruntime's transformer
 optimizer).
 
 The plain TorchScript export spells attention, layer norm and GELU out in dozens of
@@ -7,15 +7,16 @@ fused kernels (``Attention``, ``SkipLayerNormalization``, ``BiasGelu``); the int
 then turns ``Attention`` into ``QAttention`` (int8 Q/K/V weights). Measured on the
 MiniLM / BANKING77 bundle (``runs/b77``), ``Predictor.predict`` at batch 1 on 200 test
 sentences, 2 threads, the two bundles taking turns: p50 1.74 ms fused against 2.03 ms
-unfused; test accuracy 0.7685 against 0.7688 (fp32 0.775).
+unfused; test accuracy 0.7685 against 0.7688 (fp32 0.775). Recipes whose weights are
+``MatMulNBits`` fuse without attention (``attention=False``): the fused ``Attention``
+holds its Q/K/V weights itself, where no ``MatMulNBits`` can replace them.
 
 The embedding fusion (``EmbedLayerNormalization``) is left off: it would take the word
-embedding, prompt rows included, out of the plain ``Gather`` that ``ptedge.export.quantize``
-stores as per-row int8.
+embedding, prompt rows included, out of the plain ``Gather`` that ``ptedge.export.quant_graph``
+stores quantized row by row (or block by block).
 
-Not for decoders (their int8 recipe is weight-only ``MatMulNBits``) nor for fp32/fp16
-bundles, whose graph stays the one checked against PyTorch. Not responsible for
-quantizing (``ptedge.export.quantize``).
+Not for decoders nor for fp32/fp16 bundles, whose graph stays the one checked against
+PyTorch. Not responsible for quantizing (``ptedge.export.quantize``).
 """
 
 from __future__ import annotations
@@ -43,13 +44,15 @@ def encoder_shape(backbone_dir: str | Path) -> dict | None:
     return {"num_heads": int(heads), "hidden_size": int(hidden)}
 
 
-def fuse_encoder(src: Path, dst: Path, shape: dict) -> dict:
-    """Write the fused graph of ``src`` to ``dst``; returns the count of each fused op."""
+def fuse_encoder(src: Path, dst: Path, shape: dict, attention: bool = True) -> dict:
+    """Write the fused graph of ``src`` to ``dst``; returns the count of each fused op.
+    ``attention=False`` leaves attention's MatMuls as they are (layer norms, GELU fused)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bert")
     options.enable_embed_layer_norm = False
+    options.enable_attention = attention
     quiet = logging.getLogger("onnxruntime.transformers")
     level = quiet.level
     quiet.setLevel(logging.WARNING)

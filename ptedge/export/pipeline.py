@@ -4,7 +4,7 @@ The steps, each in its own module of ``ptedge.export``: load the runs on one bac
 (``runs``), fuse their prompt tables into the embedding (``ptedge.fuse``) and check the
 fused PyTorch graph (``parity``), export ONNX (``task_graph``, or ``decoder`` for
 ``--head generate``), check onnxruntime against PyTorch on real records (``parity``),
-then optionally int8 under an accuracy guard (``quantize``) or fp16 for GPUs (``half``,
+then optionally int8 or int4 under an accuracy guard (``quantize``) or fp16 for GPUs (``half``,
 checked again), calibrate the shipped model's scores and fit a rejection threshold
 (``calibrate``), ORT format for mobile (``mobile``), and write the bundle atomically
 (``bundle``). Llama-style causal LMs take another road to the same files: their graphs
@@ -28,7 +28,7 @@ from ptedge.export.calibrate import calibrate, check_inputs
 from ptedge.export.decoder import export_decoder
 from ptedge.export.half import convert_to_fp16, fp16_tolerance
 from ptedge.export.parity import check_fused, check_generation_parity, check_parity
-from ptedge.export.quantize import quantize_guarded
+from ptedge.export.quantize import PRECISIONS, quantize_guarded
 from ptedge.export.runs import load_runs, parity_records
 from ptedge.export.scoring import graph_inputs, output_name
 from ptedge.export.task_graph import export_onnx
@@ -44,11 +44,12 @@ FP16_MODEL = "model.fp16.onnx"
 class ExportArgs:
     runs: list[str]
     out: str
-    quantize: str | None = None  # None | "int8" | "int4" (int4: builder graphs only)
+    quantize: str | None = None  # None | "int8" | "int4"
     eval_file: str | None = None
-    eval_max: int = 1000  # records scored for the int8 guard
-    max_drop: float = 1.0  # accuracy points int8 may lose
-    force: bool = False
+    eval_max: int = 1000  # records scored for the quantization guard
+    max_drop: float = 1.0  # accuracy points int8/int4 may lose
+    force: bool = False  # replace a non-empty out
+    allow_accuracy_drop: bool = False  # write int8/int4 even past max_drop
     format: str = "onnx"  # onnx | ort (+ model.ort, for mobile) | genai (onnxruntime-genai)
     dtype: str = "fp32"  # fp32 | fp16 (for GPUs; exclusive with quantize)
     reject: str | None = None  # records of no label: fit a rejection threshold
@@ -64,14 +65,16 @@ def _check_args(args: ExportArgs) -> None:
     check_out(Path(args.out), args.force)
     if args.format not in ("onnx", "ort", "genai"):
         raise ValueError(f"--format {args.format!r}: choose onnx, ort or genai")
-    if args.quantize not in (None, "int8", "int4"):
-        raise ValueError(f"--quantize {args.quantize!r}: choose int8 or int4")
+    if args.quantize not in (None, *PRECISIONS):
+        raise ValueError(f"--quantize {args.quantize!r}: choose one of {', '.join(PRECISIONS)}")
     if args.dtype not in ("fp32", "fp16"):
         raise ValueError(f"--dtype {args.dtype!r}: choose fp32 or fp16")
     if args.graph not in ("auto", "trace"):
         raise ValueError(f"--graph {args.graph!r}: choose auto or trace")
     if args.dtype == "fp16" and args.quantize:
-        raise ValueError("--dtype fp16 and --quantize int8 exclude each other; choose one")
+        raise ValueError(
+            f"--dtype fp16 and --quantize {args.quantize} exclude each other; choose one"
+        )
 
 
 def export(args: ExportArgs) -> dict:
@@ -100,16 +103,11 @@ def export(args: ExportArgs) -> dict:
 
 
 def _check_builder_args(args: ExportArgs, runs, built: bool, generative: bool) -> None:
-    """Options only builder graphs have (int4, the genai folder) need one."""
+    """The genai folder needs a builder graph of a generation run."""
     if args.format == "genai" and not (built and generative):
         raise ValueError(
             "--format genai needs a --head generate run on a backbone onnxruntime-genai's "
             f"builder takes ({', '.join(causal.builder.SUPPORTED_TYPES)}), in fp32/int8/int4"
-        )
-    if args.quantize == "int4" and not built:
-        raise ValueError(
-            "--quantize int4 needs a causal LM onnxruntime-genai's builder takes "
-            f"({', '.join(causal.builder.SUPPORTED_TYPES)}) with LM heads"
         )
 
 
@@ -226,11 +224,11 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
     inputs = [i.name for i in s.get_inputs()]
     del s
     model_file, quant = FP32_MODEL, None
-    if args.quantize == "int8":
-        _log("quantizing to int8 (recipes tried in order until the guard passes) ...")
-        quant = quantize_guarded(fp32, tmp / INT8_MODEL, runs, args)
+    if args.quantize:
+        _log(f"quantizing to {args.quantize} (recipes tried in order until the guard passes) ...")
+        model_file = f"model.{args.quantize}.onnx"
+        quant = quantize_guarded(fp32, tmp / model_file, runs, args)
         fp32.unlink()
-        model_file = INT8_MODEL
     elif args.dtype == "fp16":
         _log("converting to fp16 (onnxruntime float16 converter), checking it again ...")
         convert_to_fp16(fp32, tmp / FP16_MODEL)

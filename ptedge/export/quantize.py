@@ -1,195 +1,198 @@
-"""int8 for exported task graphs, and the accuracy guard that decides if it ships.
+"""Quantized bundles (``--quantize int8|int4``): the recipes, and the accuracy guard that
+decides which one ships.
 
-Two measured choices (see DESIGN.md, "Known traps"):
-- weights of the backbone's MatMuls: onnxruntime dynamic quantization, per-channel
-  int8, constant weights only; the task heads (LM head, label heads, linear heads)
-  stay float, since per-tensor int8 of SmolLM2's LM head changed its top-1 answers.
-  BERT-family encoders are fused first (``ptedge.export.fusion``) and their fused attention
-  is quantized too;
-- the word embedding, prompt rows included: *per-row* int8 with one scale per row
-  (a Gather of int8 rows and of their scales, then a Mul). onnxruntime's own Gather
-  quantization uses one scale for the whole table and would crush the prompt rows,
-  which have their own scale; leaving the table in float would keep most of a small
-  backbone's bytes (MiniLM: 47 of 90 MB).
+``RECIPES`` is the one table of recipes: each is a small function from the fp32 graph to
+a quantized one, with its name, precision and description; the guard tries the recipes
+of the asked precision that suit the backbone, in table order, until every task stays
+within ``--max-drop`` accuracy points of fp32 on its guard data. A new recipe is a
+function and a row.
 
-The guard (``quantize_guarded``) tries three recipes in order until every task stays
-within ``--max-drop`` on its data: ``all`` (above; smallest and fastest),
-``weight-only`` (onnxruntime's MatMulNBits at 8 bits, blocks of 32: activations are
-quantized per block, not per tensor, and the embedding stays float) and
-``weight-only-float`` (the same weights, arithmetic in float: the same size, closest to
-fp32; a SmolLM2 P37 prompt lost 3 of 92 dev facts with ``weight-only``). Measured here:
-MiniLM/BANKING77 keeps accuracy with ``all`` (0.769 vs 0.775, 26% of fp32's size);
-SmolLM2 lost ~10 points on LAMA dev sets and 8.6 on SST-2 dev with ``all`` (Llama's
-activation outliers against per-tensor scales), while ``weight-only`` gave P37 test
-P@1 0.767 = fp32, at batch 1 and 32 alike.
+Every recipe gives a record the same answer whatever else is in its batch: activation
+scales are constants calibrated at export (``static``) or computed per block of each
+row (``MatMulNBits`` at accuracy level 4), never per batch. A per-batch scale (the
+earlier recipe, onnxruntime's dynamic quantization) made 14 of 400 BANKING77 test labels
+change between batch sizes 1 and 32.
 
-We call onnxruntime.quantization directly rather than optimum's ORTQuantizer: it is
-the same engine, and the node exclusion and per-row embedding need graph access.
+- ``static`` (int8; encoders and other non-causal graphs): BERT-family encoders fused
+  first (``ptedge.export.fusion``), per-channel int8 MatMul weights and fused attention
+  (``QAttention``), activations int8 with one scale per tensor calibrated on the guard
+  data's records (min/max over real tokens), the word embedding per-row int8.
+- ``weight-only`` / ``weight-only-float`` (int8): ``MatMulNBits`` 8-bit weights in blocks
+  of 32, activations int8 per block of each row (level 4), or float arithmetic (level 1);
+  embedding in float. What keeps SmolLM2 accurate (its activation outliers defeat
+  per-tensor scales: ~10 points lost on LAMA, 8.6 on SST-2 dev).
+- ``int4`` / ``int4-float``: ``MatMulNBits`` 4-bit weights in blocks of 32 (level 4, then
+  level 1), the word embedding 4-bit in blocks of 32 (``GatherBlockQuantized``).
 
-Not responsible for: exporting, deciding tolerances of fp32 parity.
+Task heads (label heads, linear heads, the LM head) stay float in every recipe: per-tensor
+int8 of SmolLM2's LM head changed its top-1 answers.
+
+Not responsible for: exporting, the graph rewrites themselves
+(``ptedge.export.quant_graph``), fp32 parity tolerances.
 """
 
 from __future__ import annotations
 
 import random
 import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-import numpy as np
-
 from ptedge.data import Records, labels_of, read_records
+from ptedge.export import quant_graph as qg
+from ptedge.export.bundle import data_source
 from ptedge.export.fusion import encoder_shape, fuse_encoder
-from ptedge.export.scoring import onnx_generate, onnx_scores
+from ptedge.export.scoring import graph_inputs, onnx_generate, onnx_scores
 from ptedge.targets import class_targets, exact_match, vocab_targets
+from ptedge.template import record_fields
 
 # node-name prefixes of heads left in float: task heads of task graphs, the LM head of decoders
 HEAD_PREFIXES = ("/heads", "/lm_head")
+CALIBRATION_RECORDS = 256  # records per task whose activations set the static int8 scales
 
 
-RECIPES = {
-    "all": "dynamic int8: per-channel int8 MatMul weights (fused Attention too, for BERT-family "
-    "encoders), int8 activations per tensor, per-row int8 embedding",
-    "weight-only": "weight-only int8: MatMulNBits, 8-bit weights in blocks of 32 with their "
-    "own scales, activations int8 per block (accuracy level 4), embedding in float",
-    "weight-only-float": "weight-only int8: MatMulNBits, 8-bit weights in blocks of 32 with "
-    "their own scales, activations and arithmetic in float (accuracy level 1), embedding in "
-    "float",
-}
-# MatMulNBits accuracy level (its arithmetic) of each weight-only recipe
-NBITS_LEVEL = {"weight-only": 4, "weight-only-float": 1}
-NBITS_BLOCK = 32
+@dataclass
+class Context:
+    """What a recipe may need besides the fp32 graph."""
+
+    excluded: list[str]  # MatMul/Gemm nodes left in float (heads)
+    encoder: dict | None = None  # ``fusion.encoder_shape`` of a BERT-family backbone
+    calibration: list[dict] = field(default_factory=list)  # one record's feeds each
+    calibration_data: dict = field(default_factory=dict)  # task -> {file, sha256, n}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    precision: str  # what --quantize asks for: int8 | int4
+    description: str  # stored in the manifest as "method"
+    build: Callable[[Path, Path, Context], dict]  # (fp32, out, ctx) -> facts for the manifest
+    causal: bool = True  # tried on causal LMs
+    encoder: bool = True  # tried on encoders and other non-causal graphs
+
+
+def _fused(fp32: Path, tmp: Path, ctx: Context, attention: bool) -> tuple[Path, dict | None]:
+    """The graph a recipe starts from: ``fp32`` fused into ``tmp`` for an encoder."""
+    if ctx.encoder is None:
+        return fp32, None
+    return tmp, fuse_encoder(fp32, tmp, ctx.encoder, attention=attention)
+
+
+def _static_int8(fp32: Path, out: Path, ctx: Context) -> dict:
+    import onnx
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src, fused = _fused(fp32, Path(tmp) / "fused.onnx", ctx, attention=True)
+        qg.quantize_dynamic_int8(src, out, ctx.excluded)
+        model = onnx.load(str(out))
+        names = [n.input[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"]
+        ranges = qg.activation_ranges(src, names, ctx.calibration)
+    qg.static_activations(model, ranges)
+    table = qg.quantize_embedding_rows(model)
+    onnx.save(model, str(out))
+    return {"fused_ops": fused, "embedding": table, "calibration": ctx.calibration_data}
+
+
+def _nbits(fp32: Path, out: Path, ctx: Context, bits: int, level: int) -> dict:
+    import onnx
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src, fused = _fused(fp32, Path(tmp) / "fused.onnx", ctx, attention=False)
+        model = qg.matmul_nbits(onnx.load(str(src)), bits, level, ctx.excluded)
+    table = qg.quantize_embedding_blocks(model, bits) if bits == 4 else None
+    onnx.save(model, str(out))
+    return {"fused_ops": fused, "embedding": table}
+
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe(
+        "static",
+        "int8",
+        "static int8: per-channel int8 MatMul weights (fused attention too, for BERT-family "
+        "encoders), int8 activations with one scale per tensor calibrated at export, per-row "
+        "int8 embedding",
+        _static_int8,
+        causal=False,
+    ),
+    Recipe(
+        "weight-only",
+        "int8",
+        "weight-only int8: MatMulNBits, 8-bit weights in blocks of 32 with their own scales, "
+        "activations int8 per block of each row (accuracy level 4), embedding in float",
+        partial(_nbits, bits=8, level=4),
+    ),
+    Recipe(
+        "weight-only-float",
+        "int8",
+        "weight-only int8: MatMulNBits, 8-bit weights in blocks of 32 with their own scales, "
+        "activations and arithmetic in float (accuracy level 1), embedding in float",
+        partial(_nbits, bits=8, level=1),
+    ),
+    Recipe(
+        "int4",
+        "int4",
+        "int4: MatMulNBits, 4-bit weights in blocks of 32 with their own scales, activations "
+        "int8 per block of each row (accuracy level 4), embedding 4-bit in blocks of 32",
+        partial(_nbits, bits=4, level=4),
+    ),
+    Recipe(
+        "int4-float",
+        "int4",
+        "int4: MatMulNBits, 4-bit weights in blocks of 32 with their own scales, activations "
+        "and arithmetic in float (accuracy level 1), embedding 4-bit in blocks of 32",
+        partial(_nbits, bits=4, level=1),
+    ),
+)
+PRECISIONS = tuple(dict.fromkeys(r.precision for r in RECIPES))
+
+
+def recipe(name: str) -> Recipe:
+    for r in RECIPES:
+        if r.name == name:
+            return r
+    raise ValueError(f"no quantization recipe {name!r} (recipes: {[r.name for r in RECIPES]})")
+
+
+def recipes_for(precision: str, causal: bool) -> list[Recipe]:
+    """The recipes the guard tries, in order, for ``precision`` on this kind of backbone."""
+    return [r for r in RECIPES if r.precision == precision and (r.causal if causal else r.encoder)]
 
 
 def excluded_nodes(model) -> list[str]:
-    """MatMul/Gemm nodes left in float: the task heads and the LM head."""
-    return [
-        n.name
-        for n in model.graph.node
-        if n.op_type in ("MatMul", "Gemm") and n.name.startswith(HEAD_PREFIXES)
-    ]
+    """MatMul/Gemm nodes left in float: the task heads and the LM head.
 
-
-def quantize_int8(fp32: Path, int8: Path, recipe: str = "all", encoder: dict | None = None) -> dict:
-    """Write an int8 copy of ``fp32`` to ``int8``; returns what was done, for the manifest.
-
-    ``encoder`` (``ptedge.export.fusion.encoder_shape`` of a BERT-family backbone) makes the
-    ``all`` recipe fuse attention, layer norms and GELU first and quantize the fused
-    ``Attention`` too.
+    onnxruntime's dynamic quantization first rewrites a Gemm into a MatMul named
+    ``<name>_MatMul`` (and an Add), so a Gemm head is excluded under both names.
     """
-    import onnx
+    names = []
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Gemm") and n.name.startswith(HEAD_PREFIXES):
+            names += [n.name, f"{n.name}_MatMul"] if n.op_type == "Gemm" else [n.name]
+    return names
 
-    model = onnx.load(str(fp32))
-    excluded = excluded_nodes(model)
-    table, fused = None, None
-    if recipe == "all":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        del model
-        src = int8.with_name(int8.name + ".fused.tmp")
-        try:
-            if encoder:
-                fused = fuse_encoder(fp32, src, encoder)
-            quantize_dynamic(
-                str(src if fused else fp32),
-                str(int8),
-                op_types_to_quantize=["MatMul", "Attention"],
-                per_channel=True,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=excluded,
-                # fused ops are com.microsoft ones, which shape inference cannot type
-                extra_options={
-                    "MatMulConstBOnly": True,
-                    "DefaultTensorType": onnx.TensorProto.FLOAT,
-                },
-            )
-        finally:
-            src.unlink(missing_ok=True)
-        model = onnx.load(str(int8))
-        table = quantize_embedding_rows(model)
-    else:
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig,
-            MatMulNBitsQuantizer,
-        )
-
-        level = NBITS_LEVEL[recipe]
-        config = DefaultWeightOnlyQuantConfig(
-            block_size=NBITS_BLOCK, is_symmetric=True, accuracy_level=level, bits=8
-        )
-        q = MatMulNBitsQuantizer(
-            model,
-            bits=8,
-            block_size=NBITS_BLOCK,
-            is_symmetric=True,
-            accuracy_level=level,
-            nodes_to_exclude=excluded,
-            algo_config=config,
-        )
-        q.process()
-        model = q.model.model
-    onnx.save(model, str(int8))
+def quantize(fp32: Path, out: Path, name: str, ctx: Context) -> dict:
+    """Write ``fp32`` quantized by recipe ``name`` to ``out``; returns what was done, for
+    the manifest."""
+    r = recipe(name)
+    facts = r.build(fp32, out, ctx)
     return {
-        "recipe": recipe,
-        "method": RECIPES[recipe],
-        "fused_ops": fused,
-        "excluded_nodes": excluded,
-        "embedding": table,
+        "recipe": r.name,
+        "precision": r.precision,
+        "method": r.description,
+        "fused_ops": facts.get("fused_ops"),
+        "excluded_nodes": ctx.excluded,
+        "embedding": facts.get("embedding"),
+        **({"calibration": facts["calibration"]} if "calibration" in facts else {}),
         "fp32_bytes": fp32.stat().st_size,
-        "int8_bytes": int8.stat().st_size,
+        "bytes": out.stat().st_size,
     }
 
 
-def quantize_embedding_rows(model) -> str | None:
-    """Replace the word-embedding Gather with per-row int8 rows and scales, in place.
-
-    The word embedding is the largest 2-D initializer read by a Gather as its data and
-    by nothing else. Returns its name (or None if there is none).
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for x in n.input:
-            consumers.setdefault(x, []).append(n)
-    best = None
-    for n in g.node:
-        if n.op_type == "Gather" and n.input[0] in inits and len(consumers[n.input[0]]) == 1:
-            dims = inits[n.input[0]].dims
-            if len(dims) == 2 and (best is None or dims[0] * dims[1] > best[1]):
-                best = (n, dims[0] * dims[1])
-    if best is None:
-        return None
-    node = best[0]
-    name = node.input[0]
-    w = numpy_helper.to_array(inits[name]).astype(np.float32)  # (R, H)
-    scale = np.maximum(np.abs(w).max(axis=1, keepdims=True), 1e-12) / 127.0  # (R, 1)
-    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)  # (R, H)
-    g.initializer.remove(inits[name])
-    g.initializer.extend(
-        [
-            numpy_helper.from_array(q, f"{name}.int8"),
-            numpy_helper.from_array(scale.astype(np.float32), f"{name}.scale"),
-        ]
-    )
-    ids, out = node.input[1], node.output[0]
-    pos = list(g.node).index(node)
-    g.node.remove(node)
-    new = [
-        helper.make_node("Gather", [f"{name}.int8", ids], [f"{out}.q"], name=f"{node.name}.q"),
-        helper.make_node(
-            "Cast", [f"{out}.q"], [f"{out}.f"], to=TensorProto.FLOAT, name=f"{node.name}.cast"
-        ),
-        helper.make_node("Gather", [f"{name}.scale", ids], [f"{out}.s"], name=f"{node.name}.s"),
-        helper.make_node("Mul", [f"{out}.f", f"{out}.s"], [out], name=f"{node.name}.mul"),
-    ]
-    for k, n in enumerate(new):
-        g.node.insert(pos + k, n)
-    return name
-
-
-def _task_accuracy(session, run, records, targets) -> float:
+def task_accuracy(session, run, records, targets) -> float:
     if run.cfg.head == "generate":
         texts = [run.tok.decode(t) for t in onnx_generate(session, run, records, 32)]
         return exact_match(texts, targets)["accuracy"]
@@ -203,7 +206,7 @@ def _task_accuracy(session, run, records, targets) -> float:
     return correct / max(1, len(keep))
 
 
-def _guard_data(run, args):
+def guard_data(run, args):
     """(path, records, targets) the guard scores a task on."""
     path = args.eval_file or run.cfg.dev_file or run.cfg.train_file
     recs = read_records(path)
@@ -219,60 +222,82 @@ def _guard_data(run, args):
     return path, recs, targets
 
 
-def quantize_guarded(fp32: Path, int8: Path, runs, args) -> dict:
-    """int8 that keeps every task within ``max_drop`` accuracy points of fp32.
+def _context(fp32: Path, runs, data: dict) -> Context:
+    """Heads to leave float, the encoder's shape, and for task graphs calibration feeds
+    from each task's guard data (single records: no padding)."""
+    import onnx
 
-    Tries the recipes in order (``all``, ``weight-only``, ``weight-only-float``), measuring
-    each task on its guard data; the first recipe within the limit is kept. If none is,
-    the export is refused, or with ``force`` the recipe that lost least is written.
+    ctx = Context(excluded=excluded_nodes(onnx.load(str(fp32), load_external_data=False)))
+    if not runs[0].cfg.causal:
+        ctx.encoder = encoder_shape(runs[0].cfg.model)
+    if runs[0].cfg.head == "generate":  # a KV-cache decoder takes other feeds
+        return ctx
+    for run in runs:
+        path, recs, _ = data[run.name]
+        need = record_fields(run.compiled)
+        usable = [r for r in recs if all(r.get(f) is not None for f in need)]
+        picked = random.Random(1).sample(usable, min(CALIBRATION_RECORDS, len(usable)))
+        ctx.calibration += [graph_inputs(run, [r]) for r in picked]
+        ctx.calibration_data[run.name] = {**data_source(path), "n": len(picked)}
+    return ctx
+
+
+def quantize_guarded(fp32: Path, out: Path, runs, args) -> dict:
+    """A quantized graph that keeps every task within ``max_drop`` accuracy points of fp32.
+
+    Tries ``recipes_for(args.quantize, ...)`` in order, measuring each task on its guard
+    data; the first recipe within the limit is kept. If none is, the export is refused,
+    or with ``allow_accuracy_drop`` the recipe that lost least is written.
     """
     import onnxruntime as ort
 
     def session(p):
         return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
 
-    encoder = None if runs[0].cfg.causal else encoder_shape(runs[0].cfg.model)
-    data = {run.name: _guard_data(run, args) for run in runs}
+    precision = args.quantize
+    data = {run.name: guard_data(run, args) for run in runs}
+    ctx = _context(fp32, runs, data)
     ref = session(fp32)
-    base = {r.name: _task_accuracy(ref, r, *data[r.name][1:]) for r in runs}
+    base = {r.name: task_accuracy(ref, r, *data[r.name][1:]) for r in runs}
+    del ref
     tried = []
-    for recipe in RECIPES:
-        info = quantize_int8(fp32, int8, recipe, encoder)
-        s8 = session(int8)
+    candidates = recipes_for(precision, runs[0].cfg.causal)
+    for r in candidates:
+        info = quantize(fp32, out, r.name, ctx)
+        s = session(out)
         guard = {}
         for run in runs:
             path, recs, targets = data[run.name]
-            acc8 = _task_accuracy(s8, run, recs, targets)
+            acc = task_accuracy(s, run, recs, targets)
             guard[run.name] = {
-                "data": str(path),
-                "n": sum(t is not None for t in targets),
+                "data": {**data_source(path), "n": sum(t is not None for t in targets)},
                 "fp32_accuracy": base[run.name],
-                "int8_accuracy": acc8,
+                "quantized_accuracy": acc,
             }
             print(
-                f"int8 guard ({recipe}) {run.name}: fp32 {base[run.name]:.4f}, int8 "
-                f"{acc8:.4f} ({100 * (base[run.name] - acc8):+.2f} points lost) on {path}",
+                f"{precision} guard ({r.name}) {run.name}: fp32 {base[run.name]:.4f}, "
+                f"{precision} {acc:.4f} ({100 * (base[run.name] - acc):+.2f} points lost) on "
+                f"{guard[run.name]['data']['n']} records of {Path(path).name}",
                 file=sys.stderr,
             )
-        del s8
-        worst = max(100 * (g["fp32_accuracy"] - g["int8_accuracy"]) for g in guard.values())
+        del s
+        worst = max(100 * (g["fp32_accuracy"] - g["quantized_accuracy"]) for g in guard.values())
         info["guard"] = guard
         info["max_drop_points"] = worst
         if worst <= args.max_drop:
             return info
-        tried.append((worst, recipe, info))
-    worst, recipe, info = min(tried, key=lambda t: t[0])
-    if not args.force:
+        tried.append((worst, r.name, info))
+    worst, name, info = min(tried, key=lambda t: t[0])
+    if not args.allow_accuracy_drop:
         raise ValueError(
-            f"int8 loses up to {worst:.2f} accuracy points even with recipe {recipe!r} "
-            f"(limit --max-drop {args.max_drop}); use --force to write it anyway"
+            f"{precision} loses up to {worst:.2f} accuracy points even with recipe {name!r} "
+            f"(limit --max-drop {args.max_drop}); use --allow-accuracy-drop to write it anyway"
         )
     print(
-        f"warning: writing int8 past --max-drop (--force): {worst:.2f} points lost", file=sys.stderr
+        f"warning: writing {precision} past --max-drop (--allow-accuracy-drop): {worst:.2f} "
+        "points lost",
+        file=sys.stderr,
     )
-    if recipe != list(RECIPES)[-1]:
-        info = quantize_int8(fp32, int8, recipe, encoder) | {
-            "guard": info["guard"],
-            "max_drop_points": worst,
-        }
+    if name != candidates[-1].name:
+        info = quantize(fp32, out, name, ctx) | {"guard": info["guard"], "max_drop_points": worst}
     return info
