@@ -60,12 +60,16 @@ def check_run_data(cfg: RunConfig, path: str | Path, *, run: str, labelled: bool
 
 
 def check_task_records(spec: dict, records: Records, *, task: str, labelled: bool) -> None:
-    """Check records against a bundle task entry (``ptedge.json`` ``tasks[task]``)."""
+    """Check records against a bundle task entry (``ptedge.json`` ``tasks[task]``).
+
+    A task with a rejection threshold accepts labels outside its own: those records are
+    out of scope, and evaluation counts whether they are rejected."""
+    rejects = bool((spec.get("reject") or {}).get("threshold"))
     check_records(
         records,
         record_fields(spec["template"]),
         label_field=spec["label_field"] if labelled else None,
-        labels=spec["labels"] if labelled and spec["kind"] == "classify" else None,
+        labels=spec["labels"] if labelled and spec["kind"] == "classify" and not rejects else None,
         needed_by=f"the template of task {task!r}",
     )
 

@@ -154,6 +154,21 @@ def test_evaluate_counts_out_of_scope_records(bundle):
         p.evaluate(outs)
 
 
+def test_cli_eval_scores_out_of_scope_records_of_a_rejecting_bundle(bundle, tmp_path):
+    """`ptedge eval B --data oos.jsonl` (labels none of the task's) reports oos_recall."""
+    from click.testing import CliRunner
+    from conftest import write_jsonl
+
+    from ptedge.cli import main
+
+    out, _, oos = bundle
+    labelled = write_jsonl(tmp_path / "oos_test.jsonl", [{"sentence": "paris", "label": "oos"}])
+    res = CliRunner().invoke(main, ["eval", str(out), "--data", str(labelled)])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output.strip().splitlines()[-1])
+    assert got["n_oos"] == 1 and got["oos_recall"] in (0.0, 1.0)
+
+
 def test_reject_file_missing_a_field_fails_before_export(tiny, bundle, tmp_path):
     from conftest import write_jsonl
 

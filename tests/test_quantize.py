@@ -172,7 +172,9 @@ def test_causal_int8_skips_static_scales(tiny_runs, tmp_path):
     assert [r.name for r in recipes_for("int8", causal=False)][0] == "static"
     assert "static" not in [r.name for r in recipes_for("int8", causal=True)]
     runs, data = tiny_runs
-    m = _export(runs["llama"], tmp_path / "int8", data, quantize="int8", max_drop=100, graph="trace")
+    m = _export(
+        runs["llama"], tmp_path / "int8", data, quantize="int8", max_drop=100, graph="trace"
+    )
     assert m["quantization"]["recipe"] == "weight-only"
     assert "calibration" not in m["quantization"]
 
