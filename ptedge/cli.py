@@ -97,7 +97,8 @@ def _verbalizer(value: str | None) -> dict[str, str] | None:
 @click.option(
     "--dev",
     "dev_file",
-    help="Dev data: evaluated periodically, the best prompt kept; later used by export for "
+    help="Dev data: evaluated periodically, keeping the latest prompt within a standard error "
+    "of the best dev accuracy; later used by export for "
     "the int8 guard and the calibration. Default: a seeded, stratified 10% of --train (at "
     "most 1000 records) held out and saved in the run folder; `none`: no dev split.",
 )

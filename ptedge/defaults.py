@@ -1,5 +1,6 @@
 """The choices ``ptedge train`` makes when the user does not: the linear head's pooling and
-learning rate, the number of steps, and a dev split carved from ``--train``.
+learning rate, the number of steps, a dev split carved from ``--train``, and which
+evaluated step's prompt is kept.
 
 Each choice comes with the reason for it; training prints them and records them in the
 run's ``ptedge.json`` (``defaults``), so a run says what it did and why. The values were
@@ -13,6 +14,7 @@ Torch-free. Not responsible for: training, reading data files, the template.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -93,6 +95,19 @@ def steps(n_examples: int, batch_size: int) -> Choice:
     else:
         why = f"at most {STEPS_MAX} steps ({value * batch_size / n_examples:.2f} of an epoch)"
     return Choice(value, why)
+
+
+def keeps_later_step(accuracy: float, n: int, top: float) -> bool:
+    """Whether a later evaluation (dev ``accuracy`` on ``n`` records) replaces the prompt
+    kept so far, given ``top``, the best dev accuracy seen up to and including it.
+
+    The one-standard-error rule: a later step is kept unless an earlier one was better by
+    more than the dev score's standard error, sqrt(top * (1 - top) / n). Training anneals
+    its learning rate to zero, so the last steps are the settled ones; a dev split of a few
+    hundred records ranks steps a point apart at random (BANKING77, 500 dev records: one
+    standard error is 1.3 points).
+    """
+    return accuracy >= top - math.sqrt(max(top * (1.0 - top), 0.0) / max(n, 1))
 
 
 def carve_dev(n: int, seed: int, strata: list[str] | None = None) -> tuple[list[int], list[int]]:

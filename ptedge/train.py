@@ -2,7 +2,8 @@
 
 ``train(TrainArgs)`` reads the data, builds the model (``ptedge.model``), runs AdamW
 on the encoder (and head) with warm-up and linear decay, evaluates ``--dev``
-periodically keeping the best prompt, and writes the run folder: ``ptedge.json``,
+periodically keeping the latest prompt within a standard error of the best
+(``ptedge.defaults.keeps_later_step``), and writes the run folder: ``ptedge.json``,
 ``prompt_encoder.safetensors`` (``head.safetensors``), ``metrics.jsonl``,
 ``timing.jsonl``, ``curve.png``. The same command on the same machine with the same
 thread count writes the same bytes into every file but ``timing.jsonl``, also when the
@@ -387,7 +388,8 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         return cfg
     if best_state is not None:
         model.load_trainable_state(best_state["weights"])
-        cfg.best = best_state["metrics"]
+        # the kept step's dev metrics, and the best dev accuracy of any evaluated step
+        cfg.best = best_state["metrics"] | {"top_dev_accuracy": best_state["top"]}
     elif dev_eval is not None:
         cfg.best = {"step": steps, **{f"dev_{k}": v for k, v in evaluate(job, dev_eval).items()}}
     model.save_weights(out)
@@ -501,11 +503,13 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
             row = (row or {"step": step, "world_size": world}) | {
                 f"dev_{k}": v for k, v in dev.items()
             }
-            if best is None or dev["accuracy"] > best["metrics"]["dev_accuracy"]:
+            top = max(dev["accuracy"], best["top"] if best else dev["accuracy"])
+            if best is None or defaults.keeps_later_step(dev["accuracy"], dev["n"], top):
                 best = {
                     "weights": model.trainable_state(),
                     "metrics": {"step": step, **{f"dev_{k}": v for k, v in dev.items()}},
                 }
+            best["top"] = top
             bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{dev['accuracy']:.3f}")
         if row is not None:
             _append_row(metrics_path, row)

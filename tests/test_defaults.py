@@ -143,3 +143,13 @@ def test_given_values_are_not_defaults(tiny, intents, tmp_path):
     assert cfg.pool == "slot" and cfg.head_lr == 0.2
     assert cfg.defaults["pool"]["why"] == "--pool"
     assert cfg.defaults["steps"]["value"] == cfg.steps == defaults.STEPS_MIN
+
+
+def test_a_later_step_is_kept_unless_an_earlier_one_was_clearly_better():
+    # 500 dev records at 0.912: one standard error is 1.27 points
+    assert defaults.keeps_later_step(0.910, 500, top=0.912)
+    assert defaults.keeps_later_step(0.900, 500, top=0.912)
+    assert not defaults.keeps_later_step(0.895, 500, top=0.912)
+    # more dev records, a narrower band
+    assert not defaults.keeps_later_step(0.900, 10_000, top=0.912)
+    assert defaults.keeps_later_step(1.0, 8, top=1.0)
