@@ -203,3 +203,10 @@ def test_fp16_generation_bundle_decodes(tiny, tmp_path):
     assert parity["next_token_max_abs_diff"] <= 1e-2 * 50  # within the fp16 tolerance
     got = Predictor(tmp_path / "b").generate(recs, max_new_tokens=4)
     assert len(got) == 2 and all(isinstance(g["text"], str) for g in got)
+
+
+def test_fp32_parity_tolerance_scales_with_large_scores():
+    from ptedge.export.parity import PARITY_RTOL, fp32_tolerance
+
+    assert fp32_tolerance(np.array([[0.5, -3.0]])) == PARITY_ATOL
+    assert fp32_tolerance(np.array([[40.0, -3.0]])) == pytest.approx(40.0 * PARITY_RTOL)
