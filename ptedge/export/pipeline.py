@@ -177,21 +177,9 @@ def _write_built(tmp: Path, runs, samples, args: ExportArgs) -> dict:
             feeds = {k: feeds[k] for k in ("input_ids", "attention_mask")} | empty_past(s, 4)
             del s
         ort_entry = convert_to_ort(tmp, model_file, feeds=feeds)
-    manifest = write_manifest(
-        tmp,
-        runs,
-        model=model_file,
-        io={"inputs": inputs, "outputs": outputs},
-        parity=parity,
-        dtype=args.dtype,
-        quantization=quant,
-        ort=ort_entry,
-        task_extra=task_extra,
-        **extra,
+    return _finish(
+        tmp, runs, args, model_file, inputs, outputs, parity, quant, ort_entry, task_extra, extra
     )
-    size = sum(p.stat().st_size for p in tmp.iterdir()) / 1e6
-    _log(f"bundle: {model_file}, {size:.1f} MB")
-    return manifest
 
 
 def _remove_model(path: Path) -> None:
@@ -253,6 +241,23 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
         _log("converting to ORT format (onnxruntime mobile) ...")
         feeds = None if generative else graph_inputs(runs[0], samples[0])
         ort_entry = convert_to_ort(tmp, model_file, feeds=feeds)
+    return _finish(tmp, runs, args, model_file, inputs, outputs, parity, quant, ort_entry, extra)
+
+
+def _finish(
+    tmp: Path,
+    runs,
+    args,
+    model_file,
+    inputs,
+    outputs,
+    parity,
+    quant,
+    ort_entry,
+    task_extra,
+    extra=None,
+) -> dict:
+    """Write the manifest of a bundle folder (hashing every file) and report its size."""
     manifest = write_manifest(
         tmp,
         runs,
@@ -262,7 +267,8 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
         dtype=args.dtype,
         quantization=quant,
         ort=ort_entry,
-        task_extra=extra,
+        task_extra=task_extra,
+        **(extra or {}),
     )
     size = sum(p.stat().st_size for p in tmp.iterdir()) / 1e6
     _log(f"bundle: {model_file}, {size:.1f} MB")
