@@ -48,6 +48,7 @@ def store_weights_apart(path: Path) -> None:
     import onnx
 
     model = onnx.load(str(path))
+    path.with_name(path.name + ".data").unlink(missing_ok=True)  # onnx would append to it
     onnx.save(
         model,
         str(path),

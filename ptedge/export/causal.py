@@ -32,19 +32,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ptedge.export import builder, decoder_graph
+from ptedge.export import builder, decoder_graph, nbits_offset
 from ptedge.export.scoring import output_name
 from ptedge.fuse import prompt_table
 
 # recipes of each --quantize for builder graphs, tried in order by the guard:
-# name -> (builder precision, extra options)
+# name -> (builder precision, extra options, edit of the built graph or None)
 RECIPES = {
     "int8": {
-        "int8": ("int8", {"accuracy_level": "4"}),
-        "int8-float": ("int8", {"accuracy_level": "1"}),
+        "int8": ("int8", {"accuracy_level": "4"}, None),
+        "int8-float": ("int8", {"accuracy_level": "1"}, None),
     },
     "int4": {
-        "int4": ("int4", {"accuracy_level": "4"}),
+        "int4": ("int4", {"accuracy_level": "4"}, None),
+        # the int8 graph's projections rewritten as 4-bit min-max blocks (nbits_offset)
+        "int4-offset": ("int8", {"accuracy_level": "4"}, "offset"),
         "int4-mixed": (
             "int4",
             {
@@ -52,6 +54,7 @@ RECIPES = {
                 "matmul_mixed_precision": "mixed_layers:int8,last_matmul:int8",
                 "shared_embeddings": "false",
             },
+            None,
         ),
     },
 }
@@ -63,6 +66,10 @@ METHODS = {
     "level 1); prompt rows and task heads float",
     "int4": "MatMulNBits 4-bit weights in blocks of 32 (LM head and tied embedding too), "
     "activations int8 per block (accuracy level 4); prompt rows and task heads float",
+    "int4-offset": "MatMulNBits 4-bit weights in blocks of 32 with a float offset per block "
+    "(min-max, as GGUF's Q4_1; the offset applied as block sums of the activations times a "
+    "small float matrix), activations int8 per block (accuracy level 4); LM head 8-bit, "
+    "embedding float; prompt rows and task heads float",
     "int4-mixed": "MatMulNBits 4-bit weights in blocks of 32, 8-bit for the LM head and "
     "the most sensitive projections (llama.cpp's choice: qkv and down projections of the "
     "first and last eighth of the layers and every third layer), embedding float, "
@@ -91,14 +98,22 @@ def _prompt_rows(runs) -> np.ndarray:
     return np.concatenate([prompt_table(r.task.model).numpy() for r in runs]).astype(np.float32)
 
 
-def _built(backbone: str, recipe: tuple[str, dict], **options: str) -> tuple[object, dict]:
-    precision, extra = recipe
+def _built(backbone: str, recipe: tuple, **options: str) -> tuple[object, dict]:
+    precision, extra, edit = recipe
     out = builder.build(backbone, precision, {**extra, **options})
     config = json.loads((out / "genai_config.json").read_text())
-    return decoder_graph.load(out / "model.onnx"), config
+    model = decoder_graph.load(out / "model.onnx")
+    if edit == "offset":
+        fp32 = decoder_graph.load(builder.build(backbone, "fp32", options) / "model.onnx")
+        info = nbits_offset.rewrite(model, nbits_offset.float_weights(fp32))
+        _log(
+            f"int4 with offsets: {info['matmuls']} projections, largest weight error "
+            f"{info['max_abs_error']:.2e} (largest weight {info['max_abs_weight']:.2f})"
+        )
+    return model, config
 
 
-def build_task_graph(runs, path: Path, recipe: tuple[str, dict] = ("fp32", {})) -> int:
+def build_task_graph(runs, path: Path, recipe: tuple = ("fp32", {}, None)) -> int:
     """Write the task graph of ``runs`` to ``path``; returns its node count."""
     model, _ = _built(runs[0].cfg.model, recipe, exclude_lm_head="true")
     decoder_graph.graft_prompt(model, _prompt_rows(runs), runs[0].cfg.vocab_size)
@@ -118,7 +133,7 @@ def build_task_graph(runs, path: Path, recipe: tuple[str, dict] = ("fp32", {})) 
     return len(model.graph.node)
 
 
-def build_decoder(run, path: Path, recipe: tuple[str, dict] = ("fp32", {})) -> dict:
+def build_decoder(run, path: Path, recipe: tuple = ("fp32", {}, None)) -> dict:
     """Write the KV-cache decoder of a generation run to ``path``; returns the builder's
     ``genai_config.json`` (for the genai folder) with the node count under ``nodes``."""
     model, config = _built(run.cfg.model, recipe)

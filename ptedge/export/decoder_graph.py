@@ -176,9 +176,11 @@ def mark_shared_cache(model, head_size: int) -> None:
 
 
 def save(model, path: Path) -> None:
-    """Write ``model`` to ``path`` with its weights in ``<name>.data`` beside it."""
+    """Write ``model`` to ``path`` with its weights in ``<name>.data`` beside it (a
+    ``.data`` file left by an earlier graph at ``path`` is replaced: onnx appends to it)."""
     import onnx
 
+    path.with_name(path.name + ".data").unlink(missing_ok=True)
     onnx.save(
         model,
         str(path),
