@@ -144,77 +144,28 @@ def build_decoder(run, path: Path, recipe: tuple = ("fp32", {}, None)) -> dict:
 
 
 def quantize_guarded(fp32: Path, out: Path, runs, args) -> dict:
-    """The first recipe of ``args.quantize`` whose graph keeps every task within
-    ``args.max_drop`` points of the fp32 graph on its guard data (as
-    ``ptedge.export.quantize.quantize_guarded``); refused, or with ``args.allow_accuracy_drop`` the
-    least bad recipe written, when none does."""
-    import onnxruntime as ort
-
-    from ptedge.export.bundle import data_source
-    from ptedge.export.quantize import guard_data, task_accuracy
-
-    def session(p):
-        return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+    """The first recipe of ``RECIPES[args.quantize]`` whose graph keeps every task within
+    ``args.max_drop`` points of the fp32 graph (``ptedge.export.quantize.guard``)."""
+    from ptedge.export.quantize import guard
 
     generative = runs[0].cfg.head == "generate"
-    data = {r.name: guard_data(r, args) for r in runs}
-    ref = session(fp32)
-    base = {r.name: task_accuracy(ref, r, *data[r.name][1:]) for r in runs}
-    del ref
-    tried = []
-    for name, recipe in RECIPES[args.quantize].items():
+
+    def write(name: str, data: dict) -> dict:
+        recipe = RECIPES[args.quantize][name]
         if generative:
             nodes = build_decoder(runs[0], out, recipe)["nodes"]
         else:
             nodes = build_task_graph(runs, out, recipe)
-        s = session(out)
-        guard = {}
-        for r in runs:
-            path, recs, targets = data[r.name]
-            acc = task_accuracy(s, r, recs, targets)
-            guard[r.name] = {
-                "data": {**data_source(path), "n": sum(t is not None for t in targets)},
-                "fp32_accuracy": base[r.name],
-                "quantized_accuracy": acc,
-            }
-            _log(
-                f"{args.quantize} guard ({name}) {r.name}: fp32 {base[r.name]:.4f}, "
-                f"{args.quantize} {acc:.4f} ({100 * (base[r.name] - acc):+.2f} points lost) "
-                f"on {guard[r.name]['data']['n']} records of {Path(path).name}"
-            )
-        del s
-        worst = max(100 * (g["fp32_accuracy"] - g["quantized_accuracy"]) for g in guard.values())
-        info = {
+        return {
             "recipe": name,
             "precision": args.quantize,
             "method": METHODS[name],
             "graph_nodes": nodes,
             "fp32_bytes": _size(fp32),
             "bytes": _size(out),
-            "guard": guard,
-            "max_drop_points": worst,
         }
-        if worst <= args.max_drop:
-            return info
-        tried.append((worst, name, info))
-    worst, name, info = min(tried, key=lambda t: t[0])
-    if not args.allow_accuracy_drop:
-        raise ValueError(
-            f"{args.quantize} loses up to {worst:.2f} accuracy points even with recipe "
-            f"{name!r} (limit --max-drop {args.max_drop}); use --allow-accuracy-drop to write "
-            "it anyway"
-        )
-    _log(
-        f"warning: writing {args.quantize} past --max-drop (--allow-accuracy-drop): "
-        f"{worst:.2f} points lost"
-    )
-    if name != list(RECIPES[args.quantize])[-1]:
-        recipe = RECIPES[args.quantize][name]
-        if generative:
-            build_decoder(runs[0], out, recipe)
-        else:
-            build_task_graph(runs, out, recipe)
-    return info
+
+    return guard(fp32, out, runs, args, list(RECIPES[args.quantize]), write)
 
 
 def _size(path: Path) -> int:

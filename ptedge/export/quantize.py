@@ -243,12 +243,28 @@ def _context(fp32: Path, runs, data: dict) -> Context:
 
 
 def quantize_guarded(fp32: Path, out: Path, runs, args) -> dict:
-    """A quantized graph that keeps every task within ``max_drop`` accuracy points of fp32.
+    """A quantized graph that keeps every task within ``max_drop`` accuracy points of fp32:
+    ``guard`` over ``recipes_for(args.quantize, ...)``, written by ``quantize``."""
+    ctx: list[Context] = []  # made once, from the guard data, by the first recipe
 
-    Tries ``recipes_for(args.quantize, ...)`` in order, measuring each task on its guard
-    data; the first recipe within the limit is kept. If none is, the export is refused,
-    or with ``allow_accuracy_drop`` the recipe that lost least is written.
-    """
+    def write(name: str, data: dict) -> dict:
+        if not ctx:
+            ctx.append(_context(fp32, runs, data))
+        return quantize(fp32, out, name, ctx[0])
+
+    names = [r.name for r in recipes_for(args.quantize, runs[0].cfg.causal)]
+    return guard(fp32, out, runs, args, names, write)
+
+
+def guard(
+    fp32: Path, out: Path, runs, args, names: list[str], write: Callable[[str, dict], dict]
+) -> dict:
+    """Try the recipes ``names`` in order: ``write(name, data)`` writes one's graph to
+    ``out`` and returns what the manifest says of it (``data``: each task's guard data);
+    each task is measured on its guard data and the first recipe within ``args.max_drop``
+    points of the fp32 graph is kept. If none is, the export is refused, or with
+    ``args.allow_accuracy_drop`` the recipe that lost least is written. Returns the kept
+    recipe's description with the guard's measurements."""
     import onnxruntime as ort
 
     def session(p):
@@ -256,37 +272,34 @@ def quantize_guarded(fp32: Path, out: Path, runs, args) -> dict:
 
     precision = args.quantize
     data = {run.name: guard_data(run, args) for run in runs}
-    ctx = _context(fp32, runs, data)
     ref = session(fp32)
     base = {r.name: task_accuracy(ref, r, *data[r.name][1:]) for r in runs}
     del ref
     tried = []
-    candidates = recipes_for(precision, runs[0].cfg.causal)
-    for r in candidates:
-        info = quantize(fp32, out, r.name, ctx)
+    for name in names:
+        info = write(name, data)
         s = session(out)
-        guard = {}
+        measured = {}
         for run in runs:
             path, recs, targets = data[run.name]
             acc = task_accuracy(s, run, recs, targets)
-            guard[run.name] = {
+            measured[run.name] = {
                 "data": {**data_source(path), "n": sum(t is not None for t in targets)},
                 "fp32_accuracy": base[run.name],
                 "quantized_accuracy": acc,
             }
             print(
-                f"{precision} guard ({r.name}) {run.name}: fp32 {base[run.name]:.4f}, "
+                f"{precision} guard ({name}) {run.name}: fp32 {base[run.name]:.4f}, "
                 f"{precision} {acc:.4f} ({100 * (base[run.name] - acc):+.2f} points lost) on "
-                f"{guard[run.name]['data']['n']} records of {Path(path).name}",
+                f"{measured[run.name]['data']['n']} records of {Path(path).name}",
                 file=sys.stderr,
             )
         del s
-        worst = max(100 * (g["fp32_accuracy"] - g["quantized_accuracy"]) for g in guard.values())
-        info["guard"] = guard
-        info["max_drop_points"] = worst
+        worst = max(100 * (g["fp32_accuracy"] - g["quantized_accuracy"]) for g in measured.values())
+        info |= {"guard": measured, "max_drop_points": worst}
         if worst <= args.max_drop:
             return info
-        tried.append((worst, r.name, info))
+        tried.append((worst, name, info))
     worst, name, info = min(tried, key=lambda t: t[0])
     if not args.allow_accuracy_drop:
         raise ValueError(
@@ -298,6 +311,6 @@ def quantize_guarded(fp32: Path, out: Path, runs, args) -> dict:
         "points lost",
         file=sys.stderr,
     )
-    if name != candidates[-1].name:
-        info = quantize(fp32, out, name, ctx) | {"guard": info["guard"], "max_drop_points": worst}
+    if name != names[-1]:
+        info = write(name, data) | {"guard": info["guard"], "max_drop_points": worst}
     return info
