@@ -105,6 +105,8 @@ def measure(bundles: dict[str, Path], records: list[dict], rounds: int, shot: Pa
         "python-2t": lambda: python_latency(b, records, 2),
         "page-1t": lambda: page_run(b, records, False, []),
         "page-threads": lambda: page_run(b, records, True, []),
+        # the same page on the fp32 bundle: is int8 the right bundle for the web?
+        "page-1t-fp32": lambda: page_run(bundles["fp32"], records, False, []),
     }
     runs: dict[str, list[dict]] = {k: [] for k in systems}
     names = list(systems)
@@ -182,6 +184,7 @@ def render(res: dict) -> str:
         "python-2t": "Python `Predictor` (onnxruntime, native)",
         "page-1t": "web page, not cross-origin isolated",
         "page-threads": "web page, cross-origin isolated (COOP/COEP)",
+        "page-1t-fp32": "web page, not cross-origin isolated, **fp32 bundle** (labels vs int8)",
     }
     for key, label in names.items():
         row = s[key]
@@ -209,7 +212,16 @@ def render(res: dict) -> str:
         "Why the page is slower than native onnxruntime on this CPU: WebAssembly SIMD is 128 "
         "bits wide and has no int8 dot product, so onnxruntime-web's int8 GEMM widens to 16 "
         "bits (MLAS `qgemm_kernel_wasmsimd`); its Relaxed-SIMD kernel (dot products) is not in "
-        "the npm package's build. Native onnxruntime uses AVX-512 VNNI here.",
+        "the npm package's build (none of its four .wasm files holds a relaxed-SIMD "
+        "opcode). Native onnxruntime uses AVX-512 VNNI here. The other routes are closed on "
+        "this platform too: WebNN (`navigator.ml`, behind "
+        "`--enable-features=WebMachineLearningNeuralNetwork`) answers `createContext` with "
+        '"WebNN is not supported on this platform" in Debian\'s Chromium, there is no GPU for '
+        "WebGPU, and the fp32 bundle in the page took "
+        f"{s['page-1t-fp32']['p50_ms']:.2f} ms against {s['page-1t']['p50_ms']:.2f} ms for "
+        "int8 (one thread each). Meeting 2x needs an onnxruntime-web build with relaxed "
+        "SIMD, which cannot be built here (emscripten plus onnxruntime's sources and "
+        "third-party downloads from GitHub).",
         "",
     ]
     note = busy_note(m)

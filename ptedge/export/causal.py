@@ -18,7 +18,10 @@ rows and the task heads stay float at every precision. ``quantize_guarded`` pick
 precision's recipe that keeps accuracy, as ``ptedge.export.quantize`` does for others.
 Measured on a SmolLM2 P36 generation prompt (107 dev facts, exact match, fp32 0.804):
 int8 0.804; int4 0.645, with float arithmetic 0.654 (so the loss is the 4-bit weights,
-not the int8 activations), asymmetric 0.664, k-quant 0.673, ``int4-mixed`` 0.776.
+not the int8 activations), asymmetric 0.664, k-quant 0.673, ``int4-mixed`` 0.776,
+``int4-offset`` 0.794: this SmolLM2 comes from a Q4_1 GGUF, whose min-max 4-bit blocks
+``int4-offset`` (``nbits_offset``) represents exactly, where the builder's integer zero
+points re-round every weight.
 
 Not responsible for: the builder environment (``builder``), graph edits
 (``decoder_graph``), parity checks, bundle files, the genai folder (``genai``).
