@@ -455,6 +455,7 @@ class PtedgeSystem:
 
         self.p = Predictor(bundle, threads=THREADS)
         self.name, self.spec = self.p.task(None)
+        self.inputs = {i.name for i in self.p.session.get_inputs()}  # no slot when mean-pooled
 
     def predict(self, records: list[dict]) -> list[dict]:
         return self.p.predict(records, batch_size=len(records))
@@ -463,7 +464,8 @@ class PtedgeSystem:
         from ptedge.template import encode
 
         enc = encode(self.spec["template"], self.p.tokenizer, records)
-        return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "slot": enc.slot}
+        feeds = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "slot": enc.slot}
+        return {k: v for k, v in feeds.items() if k in self.inputs}
 
     def run(self, feeds: dict):
         return self.p.session.run([self.spec["output"]], feeds)
@@ -985,7 +987,7 @@ def _noise_note(po: dict) -> str:
 
 def _tput_feeds(a, b, feeds: list[dict], swap, repeats: int) -> dict:
     """samples/s of two sessions over the same pre-encoded batches, alternating."""
-    n = sum(len(f["slot"]) for f in feeds)
+    n = sum(len(f["input_ids"]) for f in feeds)
     fns = {
         "prompted": lambda: [a.run(f) for f in feeds],
         "no_prompt": lambda: [b.run(swap(f)) for f in feeds],
