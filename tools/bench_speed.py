@@ -1254,6 +1254,11 @@ def markdown(result: dict) -> str:
             "",
             f"ptedge template `{r['template']!r}`; PEFT input: {r['peft_input']}.",
             "",
+        ]
+        if "measured" in r:
+            m = r["measured"]
+            lines += [f"Measured {m['date']} (git {m['commit']}): `{m['command']}`.", ""]
+        lines += [
             "| | " + " | ".join(LABELS[n] for n in names) + " | PEFT ÷ ptedge int8 |",
             "|---|" + "---:|" * (len(names) + 1),
         ]
@@ -1517,6 +1522,29 @@ def _formats_markdown(r: dict) -> list[str]:
     return lines
 
 
+def _earlier_models(path: Path, names: list[str], quick: bool) -> dict:
+    """The other models' results of an earlier run in ``path`` (same mode), so that
+    ``--models`` runs add up to one report; each says when and how it was measured."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    if old.get("quick") != quick:
+        return {}
+    kept = {}
+    for n, r in old.get("models", {}).items():
+        if n not in names:
+            r.setdefault(
+                "measured",
+                {
+                    "date": old["machine"]["date"],
+                    "commit": old["machine"]["git"]["commit"],
+                    "command": old.get("command"),
+                },
+            )
+            kept[n] = r
+    return kept
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="minimal sizes (CI smoke test)")
@@ -1570,6 +1598,14 @@ def main(argv: list[str] | None = None) -> None:
     }
     for n in names:
         result["models"][n] = bench_model(all_specs[n], cache, cfg, result["timings"])
+        result["models"][n]["measured"] = {
+            "date": result["machine"]["date"],
+            "commit": result["machine"]["git"]["commit"],
+            "command": result["command"],
+        }
+    kept = _earlier_models(out / "speed.json", names, a.quick)
+    merged = {**kept, **result["models"]}
+    result["models"] = {n: merged[n] for n in all_specs if n in merged}
     result["wall_s"] = time.perf_counter() - t_start
     result["machine"]["load_avg_at_end"] = list(os.getloadavg())
     result["machine"]["others_cpu_share"] = bc.others_cpu_share(cpu0)

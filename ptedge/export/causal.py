@@ -50,6 +50,7 @@ RECIPES = {
         "int4": ("int4", {"accuracy_level": "4"}, None),
         # the int8 graph's projections rewritten as 4-bit min-max blocks (nbits_offset)
         "int4-offset": ("int8", {"accuracy_level": "4"}, "offset"),
+        "int4-offset-float": ("int8", {"accuracy_level": "1"}, "offset"),
         "int4-mixed": (
             "int4",
             {
@@ -73,6 +74,7 @@ METHODS = {
     "(min-max, as GGUF's Q4_1; the offset applied as block sums of the activations times a "
     "small float matrix), activations int8 per block (accuracy level 4); LM head 8-bit, "
     "embedding float; prompt rows and task heads float",
+    "int4-offset-float": "as int4-offset, with float arithmetic (accuracy level 1)",
     "int4-mixed": "MatMulNBits 4-bit weights in blocks of 32, 8-bit for the LM head and "
     "the most sensitive projections (llama.cpp's choice: qkv and down projections of the "
     "first and last eighth of the layers and every third layer), embedding float, "

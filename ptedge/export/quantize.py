@@ -296,6 +296,7 @@ def guard(
             )
         del s
         worst = max(100 * (g["fp32_accuracy"] - g["quantized_accuracy"]) for g in measured.values())
+        worst = round(worst, 9)  # 100 * (0.90 - 0.89) is 1.0000000000000009, not 1
         info |= {"guard": measured, "max_drop_points": worst}
         if worst <= args.max_drop:
             return info
