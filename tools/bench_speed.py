@@ -1404,7 +1404,7 @@ def markdown(result: dict) -> str:
         drop = i8["accuracy_drop_points"]
         lines.append(
             f"| int8 loses ≤ 1 point (export guard) | {bc.fmt(drop, 2)} | "
-            f"{'—' if drop is None else 'yes' if drop <= 1 else 'no'} |"
+            f"{'—' if drop is None else 'yes' if round(drop, 9) <= 1 else 'no'} |"
         )
         for prec, po in mini["prompt_overhead"].items():
             ok = po["b1_overhead_pct"] <= 3
