@@ -173,9 +173,16 @@ def test_builder_task_graph_is_fused_and_keeps_heads_float(tiny, sentiment_file,
     assert m["parity"]["run"]["labels_equal"] == 1.0
     ops = manifest_nodes(tmp_path / "b")
     assert ops["GroupQueryAttention"] == 2 and ops["SkipSimplifiedLayerNormalization"] > 0
-    assert ops["MatMul"] == 1  # the label head, float; backbone weights are MatMulNBits
-    scores, _ = Predictor(tmp_path / "b").scores([{"sentence": "the movie was great"}] * 2)
+    # int8-token: backbone projections are integer MatMuls; the label head stays float
+    assert m["quantization"]["recipe"] == "int8-token"
+    assert m["quantization"]["calibration"]["run"]["n"] > 0
+    assert ops["MatMul"] == 1 and ops["MatMulIntegerToFloat"] == 2 * 5
+    p = Predictor(tmp_path / "b")
+    recs = [{"sentence": "the movie was great"}, {"sentence": "a dull, long and tired film"}]
+    scores, _ = p.scores(recs)
     assert scores.shape == (2, 2) and np.isfinite(scores).all()
+    alone, _ = p.scores(recs[:1])  # per-token scales: a record's scores ignore its batch
+    np.testing.assert_allclose(alone[0], scores[0], rtol=1e-5, atol=1e-5)
 
 
 def test_format_genai_needs_a_generation_run(tiny, sentiment_file, tmp_path):

@@ -92,7 +92,8 @@ FULL = {
     "train_warmup": 2,
     "train_measured": 8,
     "train_rounds": 2,
-    "eval_max": 200,
+    "eval_max": 1000,  # the CLI's default: the guard a user's export runs
+    "test_max": None,  # all test records for the causal test-accuracy goal
     "prompt_overhead": ("minilm", "smollm2"),  # models whose no-prompt bundles are built
     "bf16": True,
 }
@@ -108,6 +109,7 @@ QUICK = {
     "train_measured": 2,
     "train_rounds": 1,
     "eval_max": 16,
+    "test_max": 16,
     "prompt_overhead": ("minilm",),  # SmolLM2 exports take minutes each
     "bf16": False,
 }
@@ -1141,12 +1143,14 @@ def causal_formats(spec: Spec, b: Built, cache: bc.Cache, cfg: dict, lat_recs, b
     """SmolLM2: today's bundles (onnxruntime-genai's builder graph: fp32, int8) against the
     previous format (TorchScript graph, ``--graph trace``: fp32, int8) and int4, batch-1
     latency each alone in a fresh process (PEFT's from ``alone_latency``), batch-32
-    throughput taking turns in one process, graph node counts, sizes, guard accuracy."""
+    throughput taking turns in one process, graph node counts, sizes, guard accuracy, and
+    test accuracy of fp32, int8 and int4 (``test_max`` records of the test split)."""
     import collections
 
     import onnx
 
-    from ptedge.runtime import load_manifest
+    from ptedge.data import read_records
+    from ptedge.runtime import Predictor, load_manifest
 
     work = cache.work / spec.name
     base = {"backbone": spec.backbone, "template": spec.template}
@@ -1176,6 +1180,10 @@ def causal_formats(spec: Spec, b: Built, cache: bc.Cache, cfg: dict, lat_recs, b
             "recipe": q.get("recipe"),
             "guard": g,
         }
+    test = bc.subsample(read_records(spec.test), cfg["test_max"], seed=3)
+    for name in ("fp32", "int8", "int4"):  # the goal: <= 1 point of test accuracy lost
+        p = Predictor(bundles[name], threads=THREADS)
+        res[name]["test_accuracy"] = p.evaluate(test, batch_size=BATCH) | {"file": spec.test.name}
     names = list(bundles)
     args = {n: {"system": "ptedge", "bundle": str(bundles[n])} for n in names}
     common = {
@@ -1493,9 +1501,9 @@ def _formats_markdown(r: dict) -> list[str]:
         "others: onnxruntime-genai's builder graph with the prompt rows and heads grafted "
         "in). Latency: each alone in a fresh process, batch 1.",
         "",
-        "| bundle | graph nodes | size (MB) | recipe | guard fp32 → quantized | p50 / p90 (ms) "
-        "| PEFT ÷ bundle (p50) | batch 32 (samples/s) |",
-        "|---|---:|---:|---|---|---:|---:|---:|",
+        "| bundle | graph nodes | size (MB) | recipe | guard fp32 → quantized | test accuracy "
+        "| p50 / p90 (ms) | PEFT ÷ bundle (p50) | batch 32 (samples/s) |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for n, x in fm.items():
         g = x["guard"]
@@ -1506,6 +1514,7 @@ def _formats_markdown(r: dict) -> list[str]:
         lines.append(
             f"| {n} | {x['nodes']} | {x['size_mb']:.1f} | {x['recipe'] or '—'} | "
             + (f"{f(g.get('fp32_accuracy'))} → {f(q)}" if g else "—")
+            + f" | {f(x['test_accuracy']['accuracy']) if 'test_accuracy' in x else '—'}"
             + f" | {f(lat['p50'], 2)} / {f(lat['p90'], 2)} | "
             f"{peft['latency_b1_alone_ms']['p50'] / lat['p50']:.2f}× | "
             f"{f(x['throughput_b32'], 1)} |"
@@ -1513,11 +1522,16 @@ def _formats_markdown(r: dict) -> list[str]:
     p50 = {n: x["latency_b1_alone_ms"]["p50"] for n, x in fm.items()}
     best = min(("int8", "int4"), key=p50.get)
     ratio = peft["latency_b1_alone_ms"]["p50"] / p50[best]
+    test = {n: fm[n]["test_accuracy"] for n in ("fp32", best)}
+    lost = 100 * (test["fp32"]["accuracy"] - test[best]["accuracy"])
     lines += [
         "",
         f"Goal: batch 1 alone, {best} ≥ 5× PEFT: {ratio:.2f}× "
         f"({'met' if ratio >= 5 else 'not met'}); "
-        f"vs the previous int8 format: {p50['trace_int8'] / p50[best]:.2f}× faster.",
+        f"vs the previous int8 format: {p50['trace_int8'] / p50[best]:.2f}× faster. "
+        f"Test accuracy ({test['fp32']['n']} records of `{test['fp32']['file']}`): fp32 "
+        f"{f(test['fp32']['accuracy'])}, {best} {f(test[best]['accuracy'])}, {lost:.2f} points "
+        f"lost (goal ≤ 1: {'met' if lost <= 1 else 'not met'}).",
     ]
     return lines
 

@@ -8,8 +8,9 @@ within ``--max-drop`` accuracy points of fp32 on its guard data. A new recipe is
 function and a row.
 
 Every recipe gives a record the same answer whatever else is in its batch: activation
-scales are constants calibrated at export (``static``) or computed per block of each
-row (``MatMulNBits`` at accuracy level 4), never per batch. A per-batch scale (the
+scales are constants calibrated at export (``static``), computed per block of each
+row (``MatMulNBits`` at accuracy level 4) or per token (``int8-token`` of
+``ptedge.export.causal``), never per batch. A per-batch scale (the
 earlier recipe, onnxruntime's dynamic quantization) made 14 of 400 BANKING77 test labels
 change between batch sizes 1 and 32.
 
@@ -222,9 +223,24 @@ def guard_data(run, args):
     return path, recs, targets
 
 
+def calibration_feeds(runs, data: dict) -> tuple[list[dict], dict]:
+    """Feeds of ``CALIBRATION_RECORDS`` records per task, one record each (no padding),
+    drawn (seeded) from each task's guard data ``data``; and task -> where they came from."""
+    feeds: list[dict] = []
+    sources = {}
+    for run in runs:
+        path, recs, _ = data[run.name]
+        need = record_fields(run.compiled)
+        usable = [r for r in recs if all(r.get(f) is not None for f in need)]
+        picked = random.Random(1).sample(usable, min(CALIBRATION_RECORDS, len(usable)))
+        feeds += [graph_inputs(run, [r]) for r in picked]
+        sources[run.name] = {**data_source(path), "n": len(picked)}
+    return feeds, sources
+
+
 def _context(fp32: Path, runs, data: dict) -> Context:
     """Heads to leave float, the encoder's shape, and for task graphs calibration feeds
-    from each task's guard data (single records: no padding)."""
+    from each task's guard data."""
     import onnx
 
     ctx = Context(excluded=excluded_nodes(onnx.load(str(fp32), load_external_data=False)))
@@ -232,13 +248,7 @@ def _context(fp32: Path, runs, data: dict) -> Context:
         ctx.encoder = encoder_shape(runs[0].cfg.model)
     if runs[0].cfg.head == "generate":  # a KV-cache decoder takes other feeds
         return ctx
-    for run in runs:
-        path, recs, _ = data[run.name]
-        need = record_fields(run.compiled)
-        usable = [r for r in recs if all(r.get(f) is not None for f in need)]
-        picked = random.Random(1).sample(usable, min(CALIBRATION_RECORDS, len(usable)))
-        ctx.calibration += [graph_inputs(run, [r]) for r in picked]
-        ctx.calibration_data[run.name] = {**data_source(path), "n": len(picked)}
+    ctx.calibration, ctx.calibration_data = calibration_feeds(runs, data)
     return ctx
 
 
