@@ -14,6 +14,8 @@
   (``GatherBlockQuantized``, e.g. 4 bits in blocks of 32): the word embedding, prompt
   rows included, each row or block with its own scale. onnxruntime's own Gather
   quantization uses one scale for the whole table, which would crush the prompt rows.
+- pieces other rewrites share (``ptedge.export.smooth_int8`` too): ``tensor_values``
+  (intermediate tensors on calibration records), ``symmetric_int8``, ``replace_node``.
 
 Not responsible for: choosing a recipe or checking accuracy (``ptedge.export.quantize``),
 fusing (``ptedge.export.fusion``).
@@ -22,13 +24,15 @@ fusing (``ptedge.export.fusion``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 NBITS_BLOCK = 32  # MatMulNBits / GatherBlockQuantized block size (input dimension)
+# node-name prefixes of heads left in float: task heads of task graphs, the LM head of decoders
+HEAD_PREFIXES = ("/heads", "/lm_head")
 
 
 @contextmanager
@@ -64,32 +68,53 @@ def quantize_dynamic_int8(src: Path, dst: Path, excluded: list[str]) -> None:
         )
 
 
-def activation_ranges(
+def tensor_values(
     source: Path, names: list[str], feeds: Iterable[dict[str, np.ndarray]]
-) -> dict[str, tuple[float, float]]:
-    """(min, max) of each named float tensor of the graph ``source`` over ``feeds``
-    (batches of one record: no padding enters the ranges)."""
+) -> Iterator[list[np.ndarray]]:
+    """The named float tensors of the graph at ``source``, one list per feed (in
+    ``names`` order). The graph's weights stay where they are: the edited graph is saved
+    beside ``source`` (it may read a ``.data`` file there) and removed once loaded."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    model = onnx.load(str(source))
+    model = onnx.load(str(source), load_external_data=False)
     outputs = {o.name for o in model.graph.output}
     model.graph.output.extend(
         helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in names if x not in outputs
     )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    session = ort.InferenceSession(
-        model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-    )
+    edited = source.with_name(source.name + ".outputs.onnx")
+    onnx.save(model, str(edited))
+    try:
+        session = ort.InferenceSession(str(edited), opts, providers=["CPUExecutionProvider"])
+    finally:
+        edited.unlink()
     inputs = {i.name for i in session.get_inputs()}
+    for feed in feeds:
+        yield session.run(names, {k: feed[k] for k in inputs})
+
+
+def activation_ranges(
+    source: Path, names: list[str], feeds: Iterable[dict[str, np.ndarray]]
+) -> dict[str, tuple[float, float]]:
+    """(min, max) of each named float tensor of the graph ``source`` over ``feeds``
+    (batches of one record: no padding enters the ranges)."""
     lo = dict.fromkeys(names, np.inf)
     hi = dict.fromkeys(names, -np.inf)
-    for feed in feeds:
-        for x, v in zip(names, session.run(names, {k: feed[k] for k in inputs}), strict=True):
+    for values in tensor_values(source, names, feeds):
+        for x, v in zip(names, values, strict=True):
             lo[x], hi[x] = min(lo[x], float(v.min())), max(hi[x], float(v.max()))
     return {x: (lo[x], hi[x]) for x in names}
+
+
+def symmetric_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` as int8 in [-127, 127] with one float32 scale per slice along ``axis``:
+    (q like w, scale with ``axis`` kept as size 1), ``w ~= q * scale``."""
+    scale = np.maximum(np.abs(w).max(axis=axis, keepdims=True), 1e-12) / 127.0
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
 
 
 def uint8_scale(lo: float, hi: float) -> tuple[float, int]:
@@ -116,9 +141,9 @@ def static_activations(model, ranges: dict[str, tuple[float, float]]) -> int:
                 numpy_helper.from_array(np.array(zero, np.uint8), z),
             ]
         )
-        pos = list(g.node).index(n)
-        g.node.remove(n)
-        g.node.insert(pos, helper.make_node("QuantizeLinear", [n.input[0], s, z], [q], name=n.name))
+        replace_node(
+            model, n, [helper.make_node("QuantizeLinear", [n.input[0], s, z], [q], name=n.name)]
+        )
     _integer_matmuls_to_float(model)
     return len(nodes)
 
@@ -212,7 +237,8 @@ def _embedding_gather(model):
     return best, inits
 
 
-def _replace(model, old, new: list) -> None:
+def replace_node(model, old, new: list) -> None:
+    """Put the nodes ``new`` where ``old`` was, in place (keeps the graph's order)."""
     g = model.graph
     pos = list(g.node).index(old)
     g.node.remove(old)
@@ -230,17 +256,16 @@ def quantize_embedding_rows(model) -> str | None:
         return None
     name = node.input[0]
     w = numpy_helper.to_array(inits[name]).astype(np.float32)  # (R, H)
-    scale = np.maximum(np.abs(w).max(axis=1, keepdims=True), 1e-12) / 127.0  # (R, 1)
-    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)  # (R, H)
+    q, scale = symmetric_int8(w, axis=1)  # (R, H), (R, 1)
     model.graph.initializer.remove(inits[name])
     model.graph.initializer.extend(
         [
             numpy_helper.from_array(q, f"{name}.int8"),
-            numpy_helper.from_array(scale.astype(np.float32), f"{name}.scale"),
+            numpy_helper.from_array(scale, f"{name}.scale"),
         ]
     )
     ids, out = node.input[1], node.output[0]
-    _replace(
+    replace_node(
         model,
         node,
         [
@@ -286,7 +311,7 @@ def quantize_embedding_blocks(model, bits: int = 4, block: int = NBITS_BLOCK) ->
         )
     model.graph.initializer.remove(inits[name])
     model.graph.initializer.extend(tables)
-    _replace(
+    replace_node(
         model,
         node,
         [

@@ -50,8 +50,6 @@ from ptedge.export.scoring import graph_inputs, onnx_generate, onnx_scores
 from ptedge.targets import class_targets, exact_match, vocab_targets
 from ptedge.template import record_fields
 
-# node-name prefixes of heads left in float: task heads of task graphs, the LM head of decoders
-HEAD_PREFIXES = ("/heads", "/lm_head")
 CALIBRATION_RECORDS = 256  # records per task whose activations set the static int8 scales
 
 
@@ -170,7 +168,7 @@ def excluded_nodes(model) -> list[str]:
     """
     names = []
     for n in model.graph.node:
-        if n.op_type in ("MatMul", "Gemm") and n.name.startswith(HEAD_PREFIXES):
+        if n.op_type in ("MatMul", "Gemm") and n.name.startswith(qg.HEAD_PREFIXES):
             names += [n.name, f"{n.name}_MatMul"] if n.op_type == "Gemm" else [n.name]
     return names
 

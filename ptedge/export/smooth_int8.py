@@ -39,8 +39,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ptedge.export import decoder_graph
+from ptedge.export.quant_graph import (
+    HEAD_PREFIXES,
+    quantize_embedding_rows,
+    replace_node,
+    symmetric_int8,
+    tensor_values,
+)
+
 ALPHA = 0.5  # SmoothQuant's migration strength (its paper's default for most models)
-HEAD_PREFIX = "/heads"  # task heads stay float
 NORMS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 
 
@@ -62,7 +70,7 @@ def groups(model) -> dict[str, list]:
     found: dict[str, list] = {}
     for n in model.graph.node:
         w = inits.get(n.input[1]) if n.op_type == "MatMul" else None
-        if w is None or len(w.dims) != 2 or n.name.startswith(HEAD_PREFIX):
+        if w is None or len(w.dims) != 2 or n.name.startswith(HEAD_PREFIXES):
             continue
         found.setdefault(n.input[0], []).append(n)
     return {x: mms for x, mms in found.items() if len(consumers[x]) == len(mms)}
@@ -76,28 +84,9 @@ def channel_peaks(
     one record: no padding enters them). The mean, not the max over all records: a max is
     set by the one most extreme record, and two 256-record samples then gave smoothing
     factors 1.5 SST-2 test points apart."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    model = onnx.load(str(source), load_external_data=False)
-    known = {o.name for o in model.graph.output}
-    model.graph.output.extend(
-        helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in names if x not in known
-    )
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    # the weights stay in source's .data file: save the edited graph beside it
-    edited = source.with_name(source.name + ".ranges.onnx")
-    onnx.save(model, str(edited))
-    try:
-        session = ort.InferenceSession(str(edited), opts, providers=["CPUExecutionProvider"])
-    finally:
-        edited.unlink()
-    inputs = {i.name for i in session.get_inputs()}
-    total = {x: 0.0 for x in names}
-    for feed in feeds:
-        for x, v in zip(names, session.run(names, {k: feed[k] for k in inputs}), strict=True):
+    total = dict.fromkeys(names, 0.0)
+    for values in tensor_values(source, names, feeds):
+        for x, v in zip(names, values, strict=True):
             total[x] = total[x] + np.abs(v.reshape(-1, v.shape[-1])).max(0)  # (C,)
     return {x: (t / len(feeds)).astype(np.float32) for x, t in total.items()}
 
@@ -225,32 +214,31 @@ def quantize(model) -> int:
         for m in mms:
             name = m.input[1]
             w = numpy_helper.to_array(inits[name]).astype(np.float32)  # (K, N)
-            col = np.maximum(np.abs(w).max(0), 1e-12) / 127.0  # (N,)
-            wq = np.clip(np.round(w / col), -127, 127).astype(np.int8)
+            wq, col = symmetric_int8(w, axis=0)  # (K, N), (1, N)
             g.initializer.remove(inits[name])
             g.initializer.extend(
                 [
                     numpy_helper.from_array(wq, f"{name}.int8"),
-                    numpy_helper.from_array(col.astype(np.float32), f"{name}.scale"),
+                    numpy_helper.from_array(col[0], f"{name}.scale"),
                 ]
             )
             unscaled = f"{m.output[0]}.unscaled"
-            new = [
-                helper.make_node(
-                    "MatMulIntegerToFloat",
-                    [q, f"{name}.int8", one, f"{name}.scale", zero],
-                    [unscaled],
-                    name=m.name,
-                    domain="com.microsoft",
-                ),
-                helper.make_node(
-                    "Mul", [unscaled, token_scale], [m.output[0]], name=f"{m.name}/TokenScale"
-                ),
-            ]
-            pos = list(g.node).index(m)
-            g.node.remove(m)
-            for k, n in enumerate(new):
-                g.node.insert(pos + k, n)
+            replace_node(
+                model,
+                m,
+                [
+                    helper.make_node(
+                        "MatMulIntegerToFloat",
+                        [q, f"{name}.int8", one, f"{name}.scale", zero],
+                        [unscaled],
+                        name=m.name,
+                        domain="com.microsoft",
+                    ),
+                    helper.make_node(
+                        "Mul", [unscaled, token_scale], [m.output[0]], name=f"{m.name}/TokenScale"
+                    ),
+                ],
+            )
             count += 1
     return count
 
@@ -258,9 +246,6 @@ def quantize(model) -> int:
 def write(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]], alpha: float = ALPHA) -> dict:
     """The float graph at ``fp32`` smoothed, quantized and its word embedding per-row int8,
     written to ``out``; returns what was done, for the manifest."""
-    from ptedge.export import decoder_graph
-    from ptedge.export.quant_graph import quantize_embedding_rows
-
     model = decoder_graph.load(fp32)
     peaks = channel_peaks(fp32, list(groups(model)), feeds)
     smoothed = smooth(model, peaks, alpha)
