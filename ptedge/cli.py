@@ -128,6 +128,13 @@ def _verbalizer(value: str | None) -> dict[str, str] | None:
     help="How pseudo-token embeddings are produced.",
 )
 @click.option(
+    "--prompt-init",
+    type=click.Choice(["pad", "random"]),
+    help="Where the pseudo tokens start: pad (every one at the padding token's embedding, "
+    "which leaves an encoder's features as they are) or random (the paper's). Default: pad "
+    "for encoders such as MiniLM, random for causal LMs.",
+)
+@click.option(
     "--pool",
     type=click.Choice(["slot", "mean"]),
     help="Linear head input: the hidden state at [MASK], or the mean over tokens. "

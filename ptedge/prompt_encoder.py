@@ -44,6 +44,18 @@ class PromptEncoder(nn.Module):
             else None
         )
 
+    @torch.no_grad()
+    def start_at(self, vector: torch.Tensor) -> None:
+        """Make every pseudo token start as ``vector`` (H,): the last layer's weights start at
+        zero and its bias at ``vector`` (``none``: each row is ``vector``). The first step's
+        gradient reaches the last layer only; the tokens part from there."""
+        if self.mlp is None:
+            self.embedding.weight.copy_(vector.expand_as(self.embedding.weight))
+            return
+        last = self.mlp[-1]
+        last.weight.zero_()
+        last.bias.copy_(vector)
+
     def forward(self) -> torch.Tensor:
         """The prompt table, shape (n_pseudo, H)."""
         if self.n_pseudo == 0:

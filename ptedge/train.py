@@ -32,7 +32,7 @@ from ptedge import checkpoint, defaults
 from ptedge.checks import check_records
 from ptedge.config import RunConfig
 from ptedge.data import Records, labels_of, read_records, require_fields, write_jsonl
-from ptedge.model import build_for_run, eos_id, is_causal, load_backbone
+from ptedge.model import backbone_ids, build_for_run, eos_id, is_causal, load_backbone
 from ptedge.targets import accuracy, class_targets, exact_match, vocab_targets
 from ptedge.template import encode, fields_of, parse, pseudo_count
 
@@ -57,6 +57,7 @@ class TrainArgs:
     head: str | None = None  # default: lm if the backbone has an LM head, else linear
     encoder: str = "lstm"
     pool: str | None = None  # linear head input; None: ptedge.defaults.pool
+    prompt_init: str | None = None  # pad | random; None: ptedge.defaults.prompt_init
     steps: int | None = None
     epochs: float | None = None
     batch_size: int = 16
@@ -275,9 +276,17 @@ def _carve_dev(args: TrainArgs, train_recs: Records, stratify: bool):
     return pick(keep), pick(dev), info
 
 
-def _choose(args: TrainArgs, head: str, model_dir: Path) -> dict[str, defaults.Choice]:
+def _choose(
+    args: TrainArgs, head: str, model_dir: Path, causal: bool
+) -> dict[str, defaults.Choice]:
     """The values the user left to ptedge, each with its reason."""
-    chosen = {}
+    chosen = {
+        "prompt_init": (
+            defaults.prompt_init(causal)
+            if args.prompt_init is None
+            else defaults.Choice(args.prompt_init, "--prompt-init")
+        )
+    }
     if head == "linear":
         chosen["pool"] = (
             defaults.pool(model_dir) if args.pool is None else defaults.Choice(args.pool, "--pool")
@@ -317,7 +326,7 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         train_recs, dev_recs, dev_split = _carve_dev(args, train_recs, labels is not None)
     else:
         dev_split = {"source": "given", "file": str(Path(args.dev).resolve())}
-    chosen = _choose(args, head, model_dir)
+    chosen = _choose(args, head, model_dir, causal)
     emb = backbone.base_model.get_input_embeddings().weight
     cfg = RunConfig(
         model=str(model_dir),
@@ -351,6 +360,8 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must divide among {world} processes")
     model, tok, compiled, _ = build_for_run(cfg, backbone)
+    if chosen["prompt_init"].value == "pad":
+        model.encoder.start_at(emb[backbone_ids(model_dir, backbone)[1]].detach())
     model.backbone.to(device=device, dtype=DTYPES[args.dtype])
     model.to(device)
     job = Job(cfg, model, tok, compiled, device)
