@@ -45,6 +45,17 @@ def test_ece_of_a_constant_confidence_is_its_gap_to_accuracy():
     assert calibration.ece(np.full(100, 0.75), correct) == pytest.approx(0.0)
 
 
+def test_ece_floor_is_what_calibrated_labels_score_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0.3, 1.0, 200)
+    floor = calibration.ece_floor(conf)
+    drawn = [calibration.ece(conf, rng.random(200) < conf) for _ in range(400)]
+    assert abs(floor - np.mean(drawn)) < 0.01  # an independent draw agrees
+    assert 0.02 < floor < 0.12
+    assert calibration.ece_floor(np.repeat(conf, 50)) < floor / 4  # 10,000 records
+    assert calibration.ece_floor(np.ones(50)) == 0.0
+
+
 def test_rejection_threshold_keeps_accuracy_within_the_stated_loss():
     conf = np.array([0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])
     correct = np.array([0, 1, 0, 1, 1, 1, 1, 1, 1, 1], dtype=bool)  # 8 of 10 right

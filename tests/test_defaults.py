@@ -108,7 +108,7 @@ def test_training_without_dev_carves_and_records_it(tiny, intents, tmp_path):
     assert cfg.dev_file == str((out / "dev.jsonl").resolve())
     dev = read_records(cfg.dev_file)
     assert Counter(r["intent"] for r in dev) == {"card": 15, "film": 10, "lang": 5}
-    assert set(cfg.defaults) == {"pool", "head_lr"}  # --steps given: not a default
+    assert set(cfg.defaults) == {"prompt_init", "pool", "head_lr"}  # --steps given: not one
     assert cfg.defaults["pool"]["value"] == "mean" and cfg.pool == "mean"
     assert cfg.defaults["head_lr"]["value"] == cfg.head_lr == defaults.HEAD_LR
     assert cfg.best["dev_n"] == 30  # selection ran on the carved split
@@ -143,6 +143,53 @@ def test_given_values_are_not_defaults(tiny, intents, tmp_path):
     assert cfg.pool == "slot" and cfg.head_lr == 0.2
     assert cfg.defaults["pool"]["why"] == "--pool"
     assert cfg.defaults["steps"]["value"] == cfg.steps == defaults.STEPS_MIN
+
+
+def test_an_encoder_prompt_starts_at_the_padding_embedding(tiny, intents, tmp_path):
+    import torch
+
+    from ptedge.model import load_run
+
+    cfg = _train(tiny, intents, tmp_path / "run", steps=0)
+    assert cfg.defaults["prompt_init"]["value"] == "pad"
+    _, model, *_ = load_run(tmp_path / "run")
+    table = model.encoder()  # (n_pseudo, H)
+    pad = model.base.get_input_embeddings().weight[0]  # the tiny BERT's [PAD] is id 0
+    assert table.shape[0] == 2
+    assert torch.equal(table, pad.expand_as(table))
+
+
+def test_random_prompt_start_and_causal_default(tiny, intents, tmp_path):
+    import torch
+
+    from ptedge.model import load_run
+
+    cfg = _train(tiny, intents, tmp_path / "run", steps=0, prompt_init="random")
+    assert cfg.defaults["prompt_init"]["why"] == "--prompt-init"
+    _, model, *_ = load_run(tmp_path / "run")
+    table = model.encoder()
+    assert not torch.allclose(table[0], table[1])
+    assert defaults.prompt_init(causal=True).value == "random"
+
+
+@pytest.mark.parametrize("kind", ["lstm", "mlp", "none"])
+def test_start_at_gives_every_pseudo_token_the_vector_and_still_trains(kind):
+    import torch
+
+    from ptedge.prompt_encoder import PromptEncoder
+
+    enc = PromptEncoder(3, 8, kind)
+    v = torch.arange(8.0)
+    enc.start_at(v)
+    assert torch.equal(enc(), v.expand(3, 8))
+    opt = torch.optim.Adam(enc.parameters(), lr=0.1)
+    for _ in range(2):  # the tokens part once the gradient reaches them
+        loss = (enc() * torch.randn(3, 8, generator=torch.Generator().manual_seed(0))).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = enc()
+    assert not torch.allclose(out[0], out[1])
 
 
 def test_a_later_step_is_kept_unless_an_earlier_one_was_clearly_better():

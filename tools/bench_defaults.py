@@ -38,14 +38,14 @@ from pathlib import Path
 import _bench_common as bc
 
 # name -> flags; the first is the old default (slot pool, head at the encoder's lr)
-RANDOM = ["--prompt-init", "random"]
+RANDOM, PAD = ["--prompt-init", "random"], ["--prompt-init", "pad"]
 CANDIDATES = {
     "slot, head lr 3e-3 (old default)": ["--pool", "slot", "--head-lr", "0.003", *RANDOM],
     "mean, head lr 3e-3": ["--pool", "mean", "--head-lr", "0.003", *RANDOM],
     "slot, head lr 3e-2": ["--pool", "slot", "--head-lr", "0.03", *RANDOM],
     "mean, head lr 3e-2": ["--pool", "mean", "--head-lr", "0.03", *RANDOM],
     "mean, head lr 1e-1": ["--pool", "mean", "--head-lr", "0.1", *RANDOM],
-    "mean, head lr 3e-2, pad start": ["--pool", "mean", "--head-lr", "0.03", "--prompt-init", "pad"],
+    "mean, head lr 3e-2, pad start": ["--pool", "mean", "--head-lr", "0.03", *PAD],
 }
 OLD = next(iter(CANDIDATES))
 TASKS = {

@@ -210,6 +210,7 @@ class Bench:
             probs = calibration.probabilities(scores, temp)
             ok = probs.argmax(-1) == gold if keep else []
             res[name] = calibration.ece(probs.max(-1), ok) if keep else None
+        res["ece_floor"] = calibration.ece_floor(probs.max(-1)) if keep else None
         res["temperature"] = t
         res["accuracy_without_rejection"] = (
             float((scores.argmax(-1) == gold).mean()) if keep else None
@@ -601,10 +602,24 @@ class Bench:
             "macro_p_at_1": macro,
             "macro_ece": {
                 k: sum(per[r]["ptedge_int8"][k] for r in relations) / len(relations)
-                for k in ("ece_before", "ece_after")
+                for k in ("ece_before", "ece_after", "ece_floor")
             },
             "bundle": bundle_info(bundles),
         }
+
+
+ECE_NOTE = (
+    "ECE: raw softmax → with the bundle's temperature (floor: the mean ECE a perfectly "
+    "calibrated model with the same confidences scores on the same number of records, "
+    "`ptedge.calibration.ece_floor`; an ECE near its floor is binning noise)."
+)
+
+
+def _ece(r: dict) -> str:
+    """'raw → calibrated (floor x)' for a scored bundle's ECE fields."""
+    floor = r.get("ece_floor")
+    tail = f" (floor {floor:.3f})" if floor is not None else ""
+    return f"{r['ece_before']:.3f} → {r['ece_after']:.3f}{tail}"
 
 
 def _shown(flags: list[str]) -> list[str]:
@@ -798,7 +813,8 @@ def markdown(result: dict) -> str:
         "or per-task steps flags); baselines get the same budget, seed and records; test "
         "splits are only scored. ECE: expected calibration error (15 bins) of the bundle's "
         "top-label probability on the test split, raw softmax → with the temperature fitted "
-        "at export.",
+        "at export; its floor is the mean ECE a perfectly calibrated model with the same "
+        "confidences scores on as many records (`ptedge.calibration.ece_floor`).",
         "",
     ]
     for note in (bc.busy_note(result["machine"]), bc.reuse_note(result.get("reused", []))):
@@ -827,7 +843,7 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {t} (n={i8.get('n_in_scope', i8['n'])}) | {f(fp)} | **{f(in8)}** | "
                 f"{f(_acc(r['peft']))} | {f(r['linear_probe']['accuracy'])} | "
-                f"{f(i8['ece_before'])} → {f(i8['ece_after'])} | {verdict}{extra} |"
+                f"{_ece(i8)} | {verdict}{extra} |"
             )
         lines += [
             "",
@@ -885,11 +901,11 @@ def markdown(result: dict) -> str:
             "| method | fp32 | int8 | ECE (int8) | n |",
             "|---|---:|---:|---:|---:|",
             f"| manual prompt | {f(_acc(sst['manual_fp32']))} | {f(_acc(sst['manual_int8']))} | "
-            f"{f(sst['manual_int8']['ece_before'])} → {f(sst['manual_int8']['ece_after'])} | "
+            f"{_ece(sst['manual_int8'])} | "
             f"{sst['manual_fp32']['n']} |",
             f"| ptedge P-tuning | {f(_acc(sst['ptedge_fp32']))} | "
             f"**{f(_acc(sst['ptedge_int8']))}** | "
-            f"{f(sst['ptedge_int8']['ece_before'])} → {f(sst['ptedge_int8']['ece_after'])} | "
+            f"{_ece(sst['ptedge_int8'])} | "
             f"{sst['ptedge_fp32']['n']} |",
             f"| PEFT P-tuning (PyTorch) | {f(_acc(sst['peft']))} | | | {sst['peft']['n']} |",
             "",
@@ -906,8 +922,9 @@ def markdown(result: dict) -> str:
             f"recipe `{lama['bundle']['int8'].get('int8_recipe')}`); PEFT: {lama['peft_input']}; "
             "manual: LAMA's template up to [Y].",
             "",
-            "| relation | type | n (skipped) | manual | ptedge fp32 | ptedge int8 | PEFT |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            "| relation | type | n (skipped) | manual | ptedge fp32 | ptedge int8 | PEFT | "
+            "ECE (int8) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for rel in lama["relations"]:
             r = lama["per_relation"][rel]
@@ -915,16 +932,15 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {rel} | {r['category']} | {n['n']} ({n['skipped']}) | "
                 f"{f(_acc(r['manual']))} | {f(_acc(r['ptedge_fp32']))} | "
-                f"{f(_acc(r['ptedge_int8']))} | {f(_acc(r['peft']))} |"
+                f"{f(_acc(r['ptedge_int8']))} | {f(_acc(r['peft']))} | {_ece(r['ptedge_int8'])} |"
             )
         m = lama["macro_p_at_1"]
         e = lama["macro_ece"]
         lines += [
             f"| **macro** | | | **{f(m['manual'])}** | **{f(m['ptedge_fp32'])}** | "
-            f"**{f(m['ptedge_int8'])}** | **{f(m['peft'])}** |",
+            f"**{f(m['ptedge_int8'])}** | **{f(m['peft'])}** | {_ece(e)} |",
             "",
-            f"ECE of the int8 bundle's top answer, macro over relations: {f(e['ece_before'])} → "
-            f"{f(e['ece_after'])}.",
+            ECE_NOTE,
             "",
         ]
     timings = {}
