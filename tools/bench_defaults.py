@@ -1,8 +1,8 @@
 """How ptedge's training defaults were chosen: candidates on dev splits, leave-one-task-out.
 
 For the linear head on an encoder (all-MiniLM-L6-v2) the defaults that matter are the
-head's input (``--pool``), its learning rate (``--head-lr``) and the prompt encoder's
-(``--lr``). Each candidate is trained on SST-2, BANKING77 and CLINC150 with the same
+head's input (``--pool``), its learning rate (``--head-lr``), the prompt encoder's
+(``--lr``) and where the prompt starts (``--prompt-init``). Each candidate is trained on SST-2, BANKING77 and CLINC150 with the same
 command and budget (``[P:3] {text} [P:3] [MASK]``, 300 steps x 32, seed 0 unless
 ``--seeds`` says more) and scored on dev records it never saw:
 
@@ -46,6 +46,9 @@ CANDIDATES = {
     "mean, head lr 3e-2": ["--pool", "mean", "--head-lr", "0.03", *RANDOM],
     "mean, head lr 1e-1": ["--pool", "mean", "--head-lr", "0.1", *RANDOM],
     "mean, head lr 3e-2, pad start": ["--pool", "mean", "--head-lr", "0.03", *PAD],
+    "mean, head lr 3e-2, pad start, lr 1e-2": [
+        *("--pool", "mean", "--head-lr", "0.03", "--lr", "0.01", *PAD)
+    ],
 }
 OLD = next(iter(CANDIDATES))
 TASKS = {
