@@ -2,9 +2,10 @@
 
 For the linear head on an encoder (all-MiniLM-L6-v2) the defaults that matter are the
 head's input (``--pool``), its learning rate (``--head-lr``), the prompt encoder's
-(``--lr``) and where the prompt starts (``--prompt-init``). Each candidate is trained on SST-2, BANKING77 and CLINC150 with the same
-command and budget (``[P:3] {text} [P:3] [MASK]``, 300 steps x 32, seed 0 unless
-``--seeds`` says more) and scored on dev records it never saw:
+(``--lr``) and where the prompt starts (``--prompt-init``). Each candidate is trained on
+SST-2, BANKING77 and CLINC150 with the same command and budget (``[P:3] {text} [P:3]
+[MASK]``, 300 steps x 32, seed 0 unless ``--seeds`` says more) and scored on dev records
+it never saw:
 
 - every task's dev records are split in two, A (500 records, given as ``--dev``: they pick
   the kept step) and B (the rest; SST-2: 2000 of it): they score the candidate; BANKING77 has no
