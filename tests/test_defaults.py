@@ -200,3 +200,19 @@ def test_a_later_step_is_kept_unless_an_earlier_one_was_clearly_better():
     # more dev records, a narrower band
     assert not defaults.keeps_later_step(0.900, 10_000, top=0.912)
     assert defaults.keeps_later_step(1.0, 8, top=1.0)
+
+
+def test_the_shipped_candidate_of_bench_defaults_is_what_ptedge_chooses():
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_defaults as bd
+
+    flags = bd.CANDIDATES[bd.SHIPPED]
+    given = dict(zip(flags[::2], flags[1::2], strict=True))
+    assert "--lr" not in given  # the prompt encoder keeps train's --lr default
+    assert given["--pool"] == defaults.pool("/nonexistent").value
+    assert float(given["--head-lr"]) == defaults.head_lr(3e-3).value
+    assert given["--prompt-init"] == defaults.prompt_init(causal=False).value
