@@ -86,12 +86,17 @@ def backbone_ids(model_dir: Path, model: nn.Module) -> tuple[int | None, int]:
         if name and tok.token_to_id(name) is not None:
             mask_id = tok.token_to_id(name)
             break
+    return mask_id, pad_id(model)
+
+
+def pad_id(model: nn.Module) -> int:
+    """The backbone's padding id from its config: pad, else eos (first of a list), else 0."""
     pad = getattr(model.config, "pad_token_id", None)
     if pad is None:
         pad = getattr(model.config, "eos_token_id", None)
     if isinstance(pad, list):
         pad = pad[0]
-    return mask_id, int(pad or 0)
+    return int(pad or 0)
 
 
 def eos_id(model: nn.Module) -> int | None:

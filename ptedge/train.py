@@ -32,7 +32,7 @@ from ptedge import checkpoint, defaults
 from ptedge.checks import check_records
 from ptedge.config import RunConfig
 from ptedge.data import Records, labels_of, read_records, require_fields, write_jsonl
-from ptedge.model import backbone_ids, build_for_run, eos_id, is_causal, load_backbone
+from ptedge.model import build_for_run, eos_id, is_causal, load_backbone, pad_id
 from ptedge.targets import accuracy, class_targets, exact_match, vocab_targets
 from ptedge.template import encode, fields_of, parse, pseudo_count
 
@@ -361,7 +361,7 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         raise ValueError(f"--batch-size {args.batch_size} must divide among {world} processes")
     model, tok, compiled, _ = build_for_run(cfg, backbone)
     if chosen["prompt_init"].value == "pad":
-        model.encoder.start_at(emb[backbone_ids(model_dir, backbone)[1]].detach())
+        model.encoder.start_at(emb[pad_id(backbone)].detach())
     model.backbone.to(device=device, dtype=DTYPES[args.dtype])
     model.to(device)
     job = Job(cfg, model, tok, compiled, device)
