@@ -143,10 +143,16 @@ def _verbalizer(value: str | None) -> dict[str, str] | None:
 @click.option(
     "--steps",
     type=int,
-    help="Optimisation steps. Default: one epoch, at least 300 and at most 1000 steps.",
+    help="Optimisation steps. Default: one epoch (for the linear head, at least 250 records "
+    "per label if that is more), at least 300 and at most 1000 steps.",
 )
 @click.option("--epochs", type=float, help="Epochs instead of --steps.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option(
+    "--batch-size",
+    type=int,
+    help="Records per step (the global batch under torchrun). Default: 32 for the linear "
+    "head, 16 for the LM and generate heads.",
+)
 @click.option(
     "--lr", type=float, default=3e-3, show_default=True, help="Peak learning rate (prompt encoder)."
 )

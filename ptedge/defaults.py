@@ -1,5 +1,5 @@
 """The choices ``ptedge train`` makes when the user does not: where the prompt starts, the
-linear head's pooling and learning rate, the number of steps, a dev split carved from
+linear head's pooling and learning rate, the batch size and number of steps, a dev split carved from
 ``--train``, and which evaluated step's prompt is kept.
 
 Each choice comes with the reason for it; training prints them and records them in the
@@ -97,19 +97,50 @@ def head_lr(lr: float) -> Choice:
     )
 
 
+LINEAR_BATCH, LM_BATCH = 32, 16  # default --batch-size for the linear head, and for the others
+
+
+def batch_size(head: str) -> Choice:
+    """Records per optimisation step when --batch-size is not given."""
+    if head == "linear":
+        return Choice(
+            LINEAR_BATCH,
+            f"a classifier trained from scratch learns more from {LINEAR_BATCH}-record batches "
+            "than from 16 for the same records seen (head alone on frozen MiniLM features, "
+            "dev: BANKING77 0.920 vs 0.918, CLINC150 0.950 vs 0.943)",
+        )
+    return Choice(LM_BATCH, "the paper's batch; a causal LM's activations fit a 24 GB machine")
+
+
 STEPS_MIN, STEPS_MAX = 300, 1000  # default budget: one epoch, within these bounds
+PER_LABEL = 250  # records seen per label, at least, by a linear head's default budget
 
 
-def steps(n_examples: int, batch_size: int) -> Choice:
-    """Optimisation steps when neither --steps nor --epochs is given."""
+def steps(n_examples: int, batch_size: int, n_labels: int | None = None) -> Choice:
+    """Optimisation steps when neither --steps nor --epochs is given: one epoch, or for a
+    linear head over ``n_labels`` labels enough steps to see ``PER_LABEL`` records per
+    label if that is more, within [STEPS_MIN, STEPS_MAX].
+
+    The per-label floor: the head learns one weight row per label from scratch, so many
+    labels need more records than one epoch of a small file gives (head alone on frozen
+    MiniLM features, dev: BANKING77 0.920 at 125 records per label, 0.933 at 250;
+    CLINC150 0.939 at 64, 0.949 at 213).
+    """
     epoch = -(-n_examples // batch_size)
-    value = min(max(epoch, STEPS_MIN), STEPS_MAX)
-    if value == epoch:
-        why = f"one epoch ({n_examples} records / batch {batch_size})"
-    elif value == STEPS_MIN:
+    per_label = -(-PER_LABEL * n_labels // batch_size) if n_labels else 0
+    want = max(epoch, per_label)
+    value = min(max(want, STEPS_MIN), STEPS_MAX)
+    if value == STEPS_MAX < want:
+        why = f"at most {STEPS_MAX} steps ({value * batch_size / n_examples:.2f} epochs)"
+    elif value == STEPS_MIN > want:
         why = f"at least {STEPS_MIN} steps ({value * batch_size / n_examples:.1f} epochs)"
+    elif value == per_label > epoch:
+        why = (
+            f"{PER_LABEL} records per label for the linear head ({n_labels} labels / batch "
+            f"{batch_size}; {value * batch_size / n_examples:.1f} epochs)"
+        )
     else:
-        why = f"at most {STEPS_MAX} steps ({value * batch_size / n_examples:.2f} of an epoch)"
+        why = f"one epoch ({n_examples} records / batch {batch_size})"
     return Choice(value, why)
 
 

@@ -22,7 +22,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -60,7 +60,7 @@ class TrainArgs:
     prompt_init: str | None = None  # pad | random; None: ptedge.defaults.prompt_init
     steps: int | None = None
     epochs: float | None = None
-    batch_size: int = 16
+    batch_size: int | None = None  # None: ptedge.defaults.batch_size (by head)
     lr: float = 3e-3
     head_lr: float | None = None  # linear head's peak lr; None: ptedge.defaults.head_lr
     warmup: float = 0.06
@@ -327,6 +327,9 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     else:
         dev_split = {"source": "given", "file": str(Path(args.dev).resolve())}
     chosen = _choose(args, head, model_dir, causal)
+    if args.batch_size is None:
+        chosen["batch_size"] = defaults.batch_size(head)
+        args = replace(args, batch_size=chosen["batch_size"].value)
     emb = backbone.base_model.get_input_embeddings().weight
     cfg = RunConfig(
         model=str(model_dir),
@@ -383,7 +386,8 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     elif args.epochs is not None:
         steps = math.ceil(math.ceil(len(examples) / args.batch_size) * args.epochs)
     else:
-        chosen["steps"] = defaults.steps(len(examples), args.batch_size)
+        n_labels = len(labels) if head == "linear" else None
+        chosen["steps"] = defaults.steps(len(examples), args.batch_size, n_labels)
         steps = chosen["steps"].value
     cfg.defaults = {k: c.as_dict() for k, c in chosen.items()}
     out = Path(args.out)
