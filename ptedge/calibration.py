@@ -10,6 +10,8 @@ probability threshold below which a record is rejected as out of scope.
 - ``rejection_threshold``: the largest top probability a record may fall below and be
   rejected (``label: null``) while in-scope dev accuracy loses at most a stated number
   of points.
+- ``rejection_rule``: that threshold at the temperature, among multiples of the
+  calibration temperature, under which it rejects the most out-of-scope dev records.
 
 ``probabilities`` is the one place that turns scores into the probabilities every
 client reports (``docs/bundle-format.md`` §7 says the same for other languages).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 ECE_BINS = 15
+REJECT_FACTORS = (1, 2, 4, 8, 16)  # rejection temperatures tried, x the calibration one
 T_MIN, T_MAX = 0.05, 20.0  # temperatures searched (log-uniform bisection)
 
 
@@ -118,3 +121,31 @@ def rejection_threshold(confidence: np.ndarray, correct: np.ndarray, max_drop: f
         else:
             break
     return best
+
+
+def rejection_rule(
+    scores: np.ndarray,
+    correct: np.ndarray,
+    oos_scores: np.ndarray,
+    temperature: float,
+    max_drop: float,
+) -> dict:
+    """The rejection temperature and threshold that reject the most out-of-scope records
+    while in-scope dev accuracy loses at most ``max_drop`` points.
+
+    The top probability at a higher temperature than the calibrated one separates records
+    of no label better (ODIN, Liang et al. 2018: softened softmax scores rank in- and
+    out-of-distribution inputs better than T = 1). Temperatures tried: ``temperature`` x
+    ``REJECT_FACTORS``; ties go to the lowest. scores: (N, L) in-scope dev scores,
+    correct: (N,), oos_scores: (M, L). Returns {"temperature", "threshold", "recall",
+    "tried": [{"temperature", "threshold", "recall"}, ...]}.
+    """
+    oos = np.asarray(oos_scores, dtype=np.float64)
+    tried = []
+    for factor in REJECT_FACTORS:
+        t = temperature * factor
+        threshold = rejection_threshold(probabilities(scores, t).max(-1), correct, max_drop)
+        recall = float(np.mean(probabilities(oos, t).max(-1) < threshold)) if len(oos) else 0.0
+        tried.append({"temperature": t, "threshold": threshold, "recall": recall})
+    best = max(tried, key=lambda r: r["recall"])  # max() keeps the first of equals
+    return best | {"tried": tried}

@@ -83,6 +83,16 @@ def _threshold(spec: dict) -> float:
     return float((spec.get("reject") or {}).get("threshold", 0.0))
 
 
+def _rejected(scores: np.ndarray, spec: dict) -> np.ndarray:
+    """(N,) bool: records whose top probability at the rejection temperature (the
+    calibration temperature for bundles without one) is below the threshold."""
+    reject = spec.get("reject") or {}
+    if not reject:
+        return np.zeros(len(scores), dtype=bool)
+    t = float(reject.get("temperature", _temperature(spec)))
+    return probabilities(scores, t).max(-1) < float(reject["threshold"])
+
+
 class Predictor:
     """Predictions from a bundle. ``providers`` and ``threads`` go to onnxruntime."""
 
@@ -209,25 +219,25 @@ class Predictor:
             return self.generate(records, name, batch_size=batch_size)
         scores, truncated = self.scores(records, name, batch_size)
         probs = probabilities(scores, _temperature(spec))
-        threshold = _threshold(spec)
+        rejected = _rejected(scores, spec).tolist()
         results = []
         if spec["kind"] == "classify":
             labels = spec["labels"]
-            for row, best, t in zip(
-                probs.tolist(), probs.argmax(-1).tolist(), truncated, strict=True
+            for row, best, no, t in zip(
+                probs.tolist(), probs.argmax(-1).tolist(), rejected, truncated, strict=True
             ):
                 r = {
-                    "label": labels[best] if row[best] >= threshold else None,
+                    "label": None if no else labels[best],
                     "score": row[best],
                     "scores": dict(zip(labels, row, strict=True)),
                 }
                 results.append(r | ({"truncated": int(t)} if t else {}))
         else:
-            for p, t in zip(probs, truncated, strict=True):
+            for p, no, t in zip(probs, rejected, truncated, strict=True):
                 top = np.argsort(-p)[:TOP_K]
                 words = [self.tokenizer.decode([int(i)]).strip() for i in top]
                 r = {
-                    "label": words[0] if p[top[0]] >= threshold else None,
+                    "label": None if no else words[0],
                     "score": float(p[top[0]]),
                     "token_id": int(top[0]),
                     "top_k": [
@@ -274,7 +284,7 @@ class Predictor:
         result = {"ece": ece(top[inside], pred[inside] == gold[inside])}
         if not threshold:
             return accuracy(pred.tolist(), gold.tolist()) | {"skipped": skipped} | result
-        rejected = top < threshold
+        rejected = _rejected(scores, spec) if keep else np.zeros(0, dtype=bool)
         right = np.where(inside, (pred == gold) & ~rejected, rejected)
         n_in, n_oos = int(inside.sum()), int((~inside).sum())
         return {

@@ -130,21 +130,52 @@ def test_runtime_reports_calibrated_probabilities(bundle):
 
 
 def test_a_record_below_the_threshold_comes_back_as_null(bundle):
+    """Rejection compares the top probability at the rejection temperature, not the
+    reported (calibrated) score, with the threshold; a rejected record keeps its scores."""
     from ptedge.data import read_records
     from ptedge.runtime import Predictor
 
     out, data, _ = bundle
     p = Predictor(out)
     records = list(read_records(data))
-    threshold = p.tasks["run"]["reject"]["threshold"]
-    for r in p.predict(records):
-        if r["score"] < threshold:
+    rule = p.tasks["run"]["reject"]
+    assert rule["temperature"] in [t["temperature"] for t in rule["tried"]]
+    raw, _ = p.scores(records)
+    rule["temperature"] = 7.5  # far from the calibration temperature
+    top = calibration.probabilities(raw, 7.5).max(-1)
+    rule["threshold"] = float(np.median(top))
+    got = p.predict(records)
+    assert 0 < sum(r["label"] is None for r in got) < len(records)
+    for r, t in zip(got, top, strict=True):
+        if t < rule["threshold"]:
             assert r["label"] is None
         else:
             assert r["label"] == max(r["scores"], key=r["scores"].get)
     # raise the threshold above every probability: every record is rejected
-    p.tasks["run"]["reject"]["threshold"] = 1.01
+    rule["threshold"] = 1.01
     assert {r["label"] for r in p.predict(records)} == {None}
+
+
+def test_rejection_rule_picks_the_temperature_that_rejects_most_out_of_scope():
+    """In-scope records: one label at 5, a runner-up at 2; out-of-scope: one label at
+    4.5, none runner-up. At T = 1 both tops are ~0.91 (out of scope even a little surer);
+    softened (T >= 2) the in-scope tops stand above. Ties keep the lowest temperature."""
+    rng = np.random.default_rng(0)
+    ins = rng.normal(0, 0.05, (200, 10))
+    ins[np.arange(200), np.arange(200) % 10] += 5.0
+    ins[np.arange(200), (np.arange(200) + 1) % 10] += 2.0
+    correct = np.ones(200, dtype=bool)
+    oos = rng.normal(0, 0.05, (100, 10))
+    oos[np.arange(100), np.arange(100) % 10] += 4.5
+    rule = calibration.rejection_rule(ins, correct, oos, temperature=1.0, max_drop=2)
+    recalls = {t["temperature"]: t["recall"] for t in rule["tried"]}
+    assert sorted(recalls) == [1.0 * f for f in calibration.REJECT_FACTORS]
+    assert rule["recall"] == max(recalls.values()) and rule["recall"] > recalls[1.0]
+    assert rule["temperature"] == min(t for t, r in recalls.items() if r == rule["recall"])
+    kept = calibration.probabilities(ins, rule["temperature"]).max(-1) >= rule["threshold"]
+    assert kept.mean() >= 0.98 - 1e-12
+    none = calibration.rejection_rule(ins, correct, oos[:0], temperature=1.0, max_drop=2)
+    assert none["recall"] == 0.0 and none["temperature"] == 1.0
 
 
 def test_evaluate_counts_out_of_scope_records(bundle):

@@ -22,6 +22,7 @@ pytest.importorskip("transformers")
 
 from conftest import ROOT, shared_data, write_jsonl  # noqa: E402
 
+from ptedge import calibration  # noqa: E402
 from ptedge.data import read_records  # noqa: E402
 from ptedge.export import ExportArgs, export  # noqa: E402
 from ptedge.runtime import Predictor  # noqa: E402
@@ -199,7 +200,7 @@ def test_node_matches_python_on_tiny_backbones(tiny, node_client, tmp_path, case
 
 
 def test_node_applies_calibration_and_rejection_like_python(tiny, node_client, tmp_path):
-    """The manifest's temperature and threshold (docs/bundle-format.md §7): the same
+    """The manifest's temperatures and threshold (docs/bundle-format.md §7): the same
     probabilities and the same null labels in Node as in Python."""
     records = _records()
     data = write_jsonl(tmp_path / "train.jsonl", records * 2)
@@ -211,8 +212,9 @@ def test_node_applies_calibration_and_rejection_like_python(tiny, node_client, t
     assert task["calibration"]["temperature"] > 0
     task["calibration"]["temperature"] = 3.7  # far from 1, so a client that ignores it fails
     (bundle / "ptedge.json").write_text(json.dumps(manifest))
-    scores = sorted(r["score"] for r in Predictor(bundle).predict(records))
-    task["reject"] = {"threshold": scores[len(scores) // 2]}  # half the records rejected
+    raw, _ = Predictor(bundle).scores(records)
+    top = sorted(calibration.probabilities(raw, 9.0).max(-1))  # the rejection temperature
+    task["reject"] = {"threshold": top[len(top) // 2], "temperature": 9.0}  # half rejected
     (bundle / "ptedge.json").write_text(json.dumps(manifest))
     python = Predictor(bundle).predict(records)
     assert 0 < sum(r["label"] is None for r in python) < len(records)

@@ -322,33 +322,34 @@ def test_page_fp32_scores_match_python_without_isolation(banking77_fp32_bundle, 
 
 @pytest.mark.slow
 def test_page_applies_calibration_and_rejection(banking77_fp32_bundle, web_client, tmp_path):
-    """A manifest edited to carry a temperature and a threshold: probabilities are
-    softmax(logits / T) and a top probability below the threshold gives label null."""
+    """A manifest edited to carry temperatures and a threshold: probabilities are
+    softmax(logits / T), and a top probability at the rejection temperature below the
+    threshold gives label null."""
+    from ptedge.calibration import probabilities
     from ptedge.runtime import Predictor
 
     records = _banking77_test(40)
     logits, _ = Predictor(banking77_fp32_bundle, threads=1).scores(records, batch_size=8)
-    temperature = 0.7
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    top = np.sort(p.max(-1))
+    temperature, reject_temperature = 0.7, 2.5
+    p = probabilities(logits, temperature)
+    q = probabilities(logits, reject_temperature).max(-1)
+    top = np.sort(q)
     k = 10 + int(np.argmax(np.diff(top[10:31])))  # the widest gap in the middle
     threshold = float(top[k] + top[k + 1]) / 2
     bundle = _shadow(banking77_fp32_bundle, tmp_path / "calibrated")
     manifest = json.loads((bundle / "ptedge.json").read_text())
     (name, spec), *_ = manifest["tasks"].items()
     spec["calibration"] = {"temperature": temperature, "data": "test edit"}
-    spec["reject"] = {"threshold": threshold}
+    spec["reject"] = {"threshold": threshold, "temperature": reject_temperature}
     (bundle / "ptedge.json").write_text(json.dumps(manifest))
     labels = spec["labels"]
     expected = [
         {
-            "label": labels[row.argmax()] if row.max() >= threshold else None,
+            "label": labels[row.argmax()] if sure >= threshold else None,
             "score": float(row.max()),
             "scores": dict(zip(labels, row.tolist(), strict=True)),
         }
-        for row in p
+        for row, sure in zip(p, q, strict=True)
     ]
     rejected = sum(e["label"] is None for e in expected)
     assert 0 < rejected < len(records), "the threshold should split the records"

@@ -215,31 +215,40 @@ function softmax(row, temperature) {
   return e.map((v) => v / sum);
 }
 
+// §7: a record is rejected when its top probability at the rejection temperature
+// (reject.temperature, else the calibration temperature) is below reject.threshold.
+function isRejected(row, spec, temperature) {
+  if (!spec.reject) return false;
+  const p = softmax(row, spec.reject.temperature ?? temperature);
+  return p.reduce((a, v) => Math.max(a, v), 0) < spec.reject.threshold;
+}
+
 // Python's str.strip(): whitespace per str.isspace().
 const PY_WS = "[\\t\\n\\v\\f\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]";
 const PY_STRIP = new RegExp(`^${PY_WS}+|${PY_WS}+$`, "gu");
 const pyStrip = (s) => s.replace(PY_STRIP, "");
 
-// §7: scores -> output records; below the rejection threshold the label is null.
+// §7: scores -> output records; a rejected record's label is null.
 function results(spec, tok, scores, rows) {
   const [B, W] = scores.dims;
   const temperature = spec.calibration?.temperature ?? 1;
-  const threshold = spec.reject?.threshold ?? 0;
   const out = [];
   for (let b = 0; b < B; b++) {
-    const p = softmax(scores.data.subarray(b * W, (b + 1) * W), temperature);
+    const row = scores.data.subarray(b * W, (b + 1) * W);
+    const p = softmax(row, temperature);
+    const no = isRejected(row, spec, temperature);
     let r;
     if (spec.kind === "classify") {
       let best = 0;
       for (let i = 1; i < W; i++) if (p[i] > p[best]) best = i;
       const all = {};
       spec.labels.forEach((lab, i) => (all[lab] = p[i]));
-      r = { label: p[best] >= threshold ? spec.labels[best] : null, score: p[best], scores: all };
+      r = { label: no ? null : spec.labels[best], score: p[best], scores: all };
     } else {
       const top = [...p.keys()].sort((i, j) => p[j] - p[i] || i - j).slice(0, TOP_K);
       const word = (i) => pyStrip(tok.decode([i], { skip_special_tokens: true }));
       const topK = top.map((i) => ({ label: word(i), score: p[i], token_id: i }));
-      const label = topK[0].score >= threshold ? topK[0].label : null;
+      const label = no ? null : topK[0].label;
       r = { label, score: topK[0].score, token_id: top[0], top_k: topK };
     }
     if (rows[b].truncated) r.truncated = rows[b].truncated;

@@ -32,7 +32,7 @@ function describe(bundle) {
   const iso = i.crossOriginIsolated ? "cross-origin isolated" : "not cross-origin isolated";
   const extras = [
     bundle.spec.calibration ? `temperature ${bundle.spec.calibration.temperature}` : null,
-    bundle.spec.reject ? `rejects below ${bundle.spec.reject.threshold}` : null,
+    bundle.spec.reject ? `rejects below ${bundle.spec.reject.threshold} (at temperature ${bundle.spec.reject.temperature ?? "of calibration"})` : null,
   ].filter(Boolean);
   return (
     `${bundle.base} — ${i.backbone}, ${i.model} (${(i.modelBytes / 1e6).toFixed(1)} MB, ` +

@@ -216,20 +216,29 @@ function softmax(row, temperature) {
   return e.map((v) => v / sum);
 }
 
+// §7: a record is rejected when its top probability at the rejection temperature
+// (reject.temperature, else the calibration temperature) is below reject.threshold.
+function isRejected(row, spec, temperature) {
+  if (!spec.reject) return false;
+  const p = softmax(row, spec.reject.temperature ?? temperature);
+  return p.reduce((a, v) => Math.max(a, v), 0) < spec.reject.threshold;
+}
+
 // Python's str.strip(): whitespace per str.isspace().
 const PY_WS = "[\\t\\n\\v\\f\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]";
 const PY_STRIP = new RegExp(`^${PY_WS}+|${PY_WS}+$`, "gu");
 const pyStrip = (s) => s.replace(PY_STRIP, "");
 
-// §7 with calibration and rejection: scores -> output records. A top probability below
-// the rejection threshold gives `label: null`; score and scores are reported still.
+// §7 with calibration and rejection: scores -> output records. A rejected record
+// (isRejected) gets `label: null`; score and scores are reported still.
 function results(spec, tok, scores, rows) {
   const [B, W] = scores.dims;
   const temperature = spec.calibration?.temperature ?? 1;
-  const threshold = spec.reject?.threshold ?? null;
   const out = [];
   for (let b = 0; b < B; b++) {
-    const p = softmax(scores.data.subarray(b * W, (b + 1) * W), temperature);
+    const row = scores.data.subarray(b * W, (b + 1) * W);
+    const p = softmax(row, temperature);
+    const no = isRejected(row, spec, temperature);
     let r;
     if (spec.kind === "classify") {
       let best = 0;
@@ -243,7 +252,7 @@ function results(spec, tok, scores, rows) {
       const topK = top.map((i) => ({ label: word(i), score: p[i], token_id: i }));
       r = { label: topK[0].label, score: topK[0].score, token_id: top[0], top_k: topK };
     }
-    if (threshold !== null && r.score < threshold) r.label = null;
+    if (no) r.label = null;
     if (rows[b].truncated) r.truncated = rows[b].truncated;
     out.push(r);
   }

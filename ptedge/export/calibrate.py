@@ -115,29 +115,34 @@ def calibrate(session, runs, eval_file: str | None, reject_file: str | None, max
             f"ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}"
         )
         if reject_file and run.cfg.labels:
-            entry["reject"] = _reject(session, run, reject_file, cal.max(-1), correct, t, max_drop)
+            entry["reject"] = _reject(session, run, reject_file, scores, correct, t, max_drop)
     return entries
 
 
-def _reject(session, run, reject_file: str, conf, correct, temperature: float, max_drop: float):
-    """The rejection threshold on in-scope dev confidences, and its out-of-scope recall."""
-    threshold = calibration.rejection_threshold(conf, correct, max_drop)
+def _reject(session, run, reject_file: str, scores, correct, temperature: float, max_drop: float):
+    """The rejection temperature and threshold on in-scope dev scores (N, L), and the
+    out-of-scope recall on the ``--reject`` records."""
     oos = read_records(reject_file)
-    oos_conf = calibration.probabilities(scores_of(session, run, oos), temperature).max(-1)
-    kept = correct & (conf >= threshold)
-    recall = float(np.mean(oos_conf < threshold))
+    rule = calibration.rejection_rule(
+        scores, correct, scores_of(session, run, oos), temperature, max_drop
+    )
+    threshold, t_reject = rule["threshold"], rule["temperature"]
+    kept = correct & (calibration.probabilities(scores, t_reject).max(-1) >= threshold)
     _log(
-        f"rejection {run.name}: threshold {threshold:.4f}; dev in-scope accuracy "
-        f"{correct.mean():.4f} -> {kept.mean():.4f} (at most {max_drop:g} points lost), "
-        f"out-of-scope recall {recall:.4f} on {len(oos)} records of {Path(reject_file).name}"
+        f"rejection {run.name}: top probability at temperature {t_reject:.3f} below "
+        f"{threshold:.4f}; dev in-scope accuracy {correct.mean():.4f} -> {kept.mean():.4f} "
+        f"(at most {max_drop:g} points lost), out-of-scope recall {rule['recall']:.4f} on "
+        f"{len(oos)} records of {Path(reject_file).name}"
     )
     return {
         "threshold": threshold,
+        "temperature": t_reject,
         "max_drop_points": max_drop,
         "dev": {
-            "n": len(conf),
+            "n": len(correct),
             "accuracy": float(correct.mean()),
             "accuracy_kept": float(kept.mean()),
         },
-        "out_of_scope": {**data_source(reject_file), "n": len(oos), "recall": recall},
+        "out_of_scope": {**data_source(reject_file), "n": len(oos), "recall": rule["recall"]},
+        "tried": rule["tried"],
     }
