@@ -329,7 +329,8 @@ def _is_bundle(path: str) -> bool:
     "--reject",
     "reject_file",
     help="Records that belong to no label (e.g. out-of-scope queries): fit a probability "
-    "threshold below which predict answers label null.",
+    "threshold (and the temperature it applies at, the one that rejects most of these "
+    "records) below which predict answers label null.",
 )
 @click.option(
     "--reject-max-drop",
