@@ -101,6 +101,10 @@ def test_bench_quality_quick(tmp_path):
         for m in methods:
             assert 0 <= row[m]["accuracy"] <= 1 and row[m]["n"] > 0, (rel, m)
     assert set(lama["macro_p_at_1"]) == set(methods)
+    pooled = lama["pooled_ece"]
+    per = lama["per_relation"]
+    assert pooled["n"] == sum(per[r]["ptedge_int8"]["n"] for r in lama["relations"])
+    assert 0 <= pooled["ece_after"] <= 1 and 0 <= pooled["ece_floor"] <= 1
     assert set(lama["bundle"]["fp32"]["tasks"]) == set(lama["relations"])  # one bundle
     sst = data["sst2"]
     for m in ("manual_fp32", "manual_int8", "ptedge_fp32", "ptedge_int8", "peft"):

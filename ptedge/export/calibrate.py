@@ -4,8 +4,8 @@ For each task with labels (or open vocabulary), the shipped graph (fp32, int8 or
 whatever the bundle will run) scores the task's dev records; a temperature is fitted on
 them (``ptedge.calibration``), and with ``--reject FILE`` a probability threshold is
 chosen that keeps in-scope dev accuracy within ``--reject-max-drop`` points, at the
-rejection temperature that rejects most of FILE's records (``rejection_rule``). Both go into the task's manifest entry, which
-every client applies (``docs/bundle-format.md`` §7).
+rejection temperature that rejects most of FILE's records (``rejection_rule``). Both go
+into the task's manifest entry, which every client applies (``docs/bundle-format.md`` §7).
 
 Dev records: ``--eval FILE`` if given, else the run's dev split (given at training, or
 carved from --train). A run trained with ``--dev none`` and exported without ``--eval``
