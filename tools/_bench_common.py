@@ -265,16 +265,22 @@ class Cache:
             self.reused.append(str(path))
             return Path(path)
         log(f"building {path}")
-        self.index.pop(key, None)
-        self._write()
+        self._write(key, None)
         build()
-        self.index[key] = params
-        self._write()
+        self._write(key, params)
         return Path(path)
 
-    def _write(self) -> None:
-        tmp = self.index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.index, indent=1, sort_keys=True))
+    def _write(self, key: str, params: dict | None) -> None:
+        """Set (or, with None, drop) one entry, on top of the index as it is on disk now:
+        benchmarks sharing a work folder keep each other's entries."""
+        disk = self._read() if self.index_path.is_file() else {}
+        for index in (self.index, disk):
+            if params is None:
+                index.pop(key, None)
+            else:
+                index[key] = params
+        tmp = self.index_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(disk, indent=1, sort_keys=True))
         tmp.replace(self.index_path)
 
 
