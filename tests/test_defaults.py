@@ -62,6 +62,26 @@ def test_default_steps_are_one_epoch_within_bounds():
     assert "epoch" in defaults.steps(640, 16).why
 
 
+def test_a_linear_head_sees_enough_records_per_label():
+    """BANKING77's 9,016 training records over 77 labels: one epoch at 32 is 282 steps,
+    250 records per label 602; few labels leave the epoch rule as it was."""
+    b77 = defaults.steps(9_016, 32, n_labels=77)
+    assert b77.value == -(-defaults.PER_LABEL * 77 // 32) == 602
+    assert "per label" in b77.why
+    assert defaults.steps(16_000, 32, n_labels=2).value == 500  # one epoch decides
+    assert defaults.steps(15_000, 32, n_labels=150).value == defaults.STEPS_MAX
+    assert defaults.steps(640, 32, n_labels=3).value == defaults.STEPS_MIN
+
+
+def test_default_batch_size_depends_on_the_head(tiny, intents, tmp_path):
+    cfg = _train(tiny, intents, tmp_path / "lin", batch_size=None)
+    assert cfg.batch_size == defaults.LINEAR_BATCH == 32
+    assert cfg.defaults["batch_size"]["value"] == 32
+    cfg = _train(tiny, intents, tmp_path / "lin4")
+    assert cfg.batch_size == 4 and "batch_size" not in cfg.defaults  # given, not chosen
+    assert defaults.batch_size("lm").value == defaults.LM_BATCH == 16
+
+
 # -- through training (tiny backbone) ------------------------------------------------------
 
 
@@ -90,10 +110,8 @@ def _train(tiny, data, out, **kw):
         train=str(data),
         template="[P:2] {text} [MASK]",
         label_field="intent",
-        head="linear",
-        batch_size=4,
         out=str(out),
-        **kw,
+        **({"head": "linear", "batch_size": 4} | kw),
     )
     return train(args, progress=False)
 
