@@ -631,6 +631,32 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def write_report(out: Path, stem: str, result: dict, markdown: str) -> None:
+    """A benchmark's OUT/STEM.json (the result) and OUT/STEM.md (its report)."""
+    write_json(Path(out) / f"{stem}.json", result)
+    (Path(out) / f"{stem}.md").write_text(markdown)
+
+
+def leave_one_out(score: dict[tuple[str, str], float], candidates: list[str]) -> dict:
+    """Per held-out task: the candidate with the best mean ``score[task, candidate]`` over
+    the other tasks (the first of equals), its score on the held-out task, and the best
+    candidate there in hindsight. Candidates not scored on every task are left out."""
+    tasks = sorted({t for t, _ in score})
+    cands = [c for c in candidates if all((t, c) in score for t in tasks)]
+    table = {}
+    for held in tasks:
+        others = [t for t in tasks if t != held]
+        chosen = max(cands, key=lambda c: sum(score[t, c] for t in others) / len(others))
+        best = max(cands, key=lambda c: score[held, c])
+        table[held] = {
+            "chosen_by_others": chosen,
+            "accuracy": score[held, chosen],
+            "best_in_hindsight": best,
+            "best_accuracy": score[held, best],
+        }
+    return table
+
+
 def fmt(x, digits: int = 3, unit: str = "") -> str:
     if x is None or (isinstance(x, float) and x != x):
         return "—"

@@ -184,20 +184,9 @@ def _model() -> Path:
 def leave_one_out(acc: dict[tuple[str, str], float]) -> dict:
     """Per held-out task: the candidate the other tasks choose, its score there, the best
     candidate in hindsight and the old default."""
-    tasks = sorted({t for t, _ in acc})
-    cands = [c for c in CANDIDATES if all((t, c) in acc for t in tasks)]
-    table = {}
-    for held in tasks:
-        others = [t for t in tasks if t != held]
-        chosen = max(cands, key=lambda c: sum(acc[t, c] for t in others) / len(others))
-        best = max(cands, key=lambda c: acc[held, c])
-        table[held] = {
-            "chosen_by_others": chosen,
-            "accuracy": acc[held, chosen],
-            "best_in_hindsight": best,
-            "best_accuracy": acc[held, best],
-            "old_default_accuracy": acc.get((held, OLD)),
-        }
+    table = bc.leave_one_out(acc, CANDIDATES)
+    for held, row in table.items():
+        row["old_default_accuracy"] = acc.get((held, OLD))
     return table
 
 
@@ -285,9 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s": time.perf_counter() - t0,
     }
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    bc.write_json(out / "defaults.json", result)
-    (out / "defaults.md").write_text(markdown(result))
+    bc.write_report(out, "defaults", result, markdown(result))
     bc.log(f"wrote {out / 'defaults.json'} and defaults.md")
 
 

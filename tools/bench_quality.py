@@ -1125,8 +1125,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     merge_earlier(result, out / "quality.json", tasks)
-    bc.write_json(out / "quality.json", result)
-    (out / "quality.md").write_text(markdown(result))
+    bc.write_report(out, "quality", result, markdown(result))
     chart(result, out / "quality.png")
     bc.log(
         f"wrote {out / 'quality.json'}, quality.md, quality.png in {result['wall_s'] / 60:.1f} min"
