@@ -138,14 +138,19 @@ def rejection_rule(
     out-of-distribution inputs better than T = 1). Temperatures tried: ``temperature`` x
     ``REJECT_FACTORS``; ties go to the lowest. scores: (N, L) in-scope dev scores,
     correct: (N,), oos_scores: (M, L). Returns {"temperature", "threshold", "recall",
-    "tried": [{"temperature", "threshold", "recall"}, ...]}.
+    "accuracy_kept" (in-scope dev accuracy with rejection), "tried": [the same for each
+    temperature]}.
     """
     oos = np.asarray(oos_scores, dtype=np.float64)
     tried = []
     for factor in REJECT_FACTORS:
         t = temperature * factor
-        threshold = rejection_threshold(probabilities(scores, t).max(-1), correct, max_drop)
+        top = probabilities(scores, t).max(-1)
+        threshold = rejection_threshold(top, correct, max_drop)
         recall = float(np.mean(probabilities(oos, t).max(-1) < threshold)) if len(oos) else 0.0
-        tried.append({"temperature": t, "threshold": threshold, "recall": recall})
+        kept = float(np.mean(correct & (top >= threshold)))
+        tried.append(
+            {"temperature": t, "threshold": threshold, "recall": recall, "accuracy_kept": kept}
+        )
     best = max(tried, key=lambda r: r["recall"])  # max() keeps the first of equals
     return best | {"tried": tried}

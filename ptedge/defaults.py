@@ -1,6 +1,6 @@
 """The choices ``ptedge train`` makes when the user does not: where the prompt starts, the
-linear head's pooling and learning rate, the batch size and number of steps, a dev split carved from
-``--train``, and which evaluated step's prompt is kept.
+linear head's pooling and learning rate, the batch size and number of steps, a dev split
+carved from ``--train``, and which evaluated step's prompt is kept.
 
 Each choice comes with the reason for it; training prints them and records them in the
 run's ``ptedge.json`` (``defaults``), so a run says what it did and why. The values were

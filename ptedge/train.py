@@ -296,6 +296,8 @@ def _choose(
             if args.head_lr is None
             else defaults.Choice(args.head_lr, "--head-lr")
         )
+    if args.batch_size is None:
+        chosen["batch_size"] = defaults.batch_size(head)
     return chosen
 
 
@@ -327,8 +329,7 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     else:
         dev_split = {"source": "given", "file": str(Path(args.dev).resolve())}
     chosen = _choose(args, head, model_dir, causal)
-    if args.batch_size is None:
-        chosen["batch_size"] = defaults.batch_size(head)
+    if "batch_size" in chosen:
         args = replace(args, batch_size=chosen["batch_size"].value)
     emb = backbone.base_model.get_input_embeddings().weight
     cfg = RunConfig(
