@@ -97,6 +97,16 @@ def head_lr(lr: float) -> Choice:
     )
 
 
+def head_lr_on_dev(lr: float, dev_by_lr: dict[float, float], prompt_lr: float) -> Choice:
+    """The linear head's peak lr as chosen on dev by ``ptedge.head_fit.choose``."""
+    tried = ", ".join(f"{k:g}: {v:.3f}" for k, v in dev_by_lr.items())
+    return Choice(
+        lr,
+        f"best dev accuracy of the head fitted alone on the step-0 features ({tried}); "
+        f"the run starts from that head and trains it with the prompt (--lr {prompt_lr:g})",
+    )
+
+
 LINEAR_BATCH, LM_BATCH = 32, 16  # default --batch-size for the linear head, and for the others
 
 

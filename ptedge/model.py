@@ -229,6 +229,24 @@ class PTuningModel(nn.Module):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)  # (B, T+1)
         return out
 
+    def features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, slot: torch.Tensor
+    ) -> torch.Tensor:
+        """The linear head's input (B, H), float32: the hidden state at ``slot``, the mean
+        over the sequence, or the backbone's pooler, as ``pool`` says.
+
+        input_ids, attention_mask: (B, T); slot: (B,).
+        """
+        hidden = self.hidden(input_ids, attention_mask)  # (B, T, H)
+        if self.pool == "mean":
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * m).sum(1) / m.sum(1)  # (B, H)
+        elif self.pool == "pooler":  # e.g. BERT: tanh(dense(first token))
+            pooled = self.base.pooler(hidden)  # (B, H)
+        else:
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), slot]  # (B, H)
+        return pooled.float()
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -243,15 +261,10 @@ class PTuningModel(nn.Module):
         """
         if positions is not None:
             return self.target_logits(input_ids, attention_mask, positions)
+        if self.head is not None:
+            return self.head(self.features(input_ids, attention_mask, slot))  # (B, L)
         hidden = self.hidden(input_ids, attention_mask)  # (B, T, H)
         at_slot = hidden[torch.arange(hidden.shape[0], device=hidden.device), slot]  # (B, H)
-        if self.head is not None:
-            if self.pool == "mean":
-                m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-                at_slot = (hidden * m).sum(1) / m.sum(1)  # (B, H)
-            elif self.pool == "pooler":  # e.g. BERT: tanh(dense(first token))
-                at_slot = self.base.pooler(hidden)  # (B, H)
-            return self.head(at_slot.float())  # (B, L)
         logits = self.lm_head(at_slot)  # (B, V)
         if self.label_ids.numel():
             return logits[:, self.label_ids]  # (B, L)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import ptedge
-from ptedge import checkpoint, defaults
+from ptedge import checkpoint, defaults, head_fit
 from ptedge.checks import check_records
 from ptedge.config import RunConfig
 from ptedge.data import Records, labels_of, read_records, require_fields, write_jsonl
@@ -390,6 +390,9 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         n_labels = len(labels) if head == "linear" else None
         chosen["steps"] = defaults.steps(len(examples), args.batch_size, n_labels)
         steps = chosen["steps"].value
+    if head == "linear" and args.head_lr is None and dev_eval is not None and steps > 0:
+        chosen["head_lr"] = _start_head(job, examples, dev_eval, steps, args, progress)
+        cfg.head_lr = chosen["head_lr"].value
     cfg.defaults = {k: c.as_dict() for k, c in chosen.items()}
     out = Path(args.out)
     if rank == 0:
@@ -413,6 +416,24 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     _plot(out / METRICS, out / CURVE)
     shutil.rmtree(out / checkpoint.CHECKPOINT, ignore_errors=True)  # finished: not needed
     return cfg
+
+
+def _start_head(job, examples, dev_eval, steps, args, progress) -> defaults.Choice:
+    """Fit the linear head alone on the step-0 features at each candidate lr, keep the one
+    best on dev and start the run from its head (``ptedge.head_fit``)."""
+    if progress:
+        print(
+            f"fitting the linear head alone on the step-0 features of {len(examples)} "
+            f"records at lr {', '.join(f'{lr:g}' for lr in head_fit.HEAD_LRS)} "
+            f"(dev: {len(dev_eval)} records) to choose its lr",
+            file=sys.stderr,
+        )
+    dev = [(r, t) for r, t in zip(dev_eval, job.targets(dev_eval), strict=True) if t is not None]
+    lr, head, by_lr = head_fit.choose(
+        job, examples, dev, steps, args.batch_size, args.seed, args.warmup
+    )
+    job.model.head.load_state_dict(head.state_dict())
+    return defaults.head_lr_on_dev(lr, by_lr, args.lr)
 
 
 def _say_choices(chosen: dict[str, defaults.Choice], dev_split: dict, args: TrainArgs) -> None:
@@ -457,10 +478,7 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
             {"params": [p for p in params if id(p) in head_ids], "lr": job.cfg.head_lr or args.lr}
         )
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    warm = max(1, int(steps * args.warmup))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
-    )
+    sched = head_fit.schedule(opt, steps, args.warmup)
     eval_every = args.eval_every or max(steps // 5, 1)
     gen = torch.Generator().manual_seed(args.seed)
     start, order, best = 0, [], None

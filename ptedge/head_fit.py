@@ -1,0 +1,113 @@
+"""The linear head fitted alone on frozen features, before the prompt is trained.
+
+A linear head starts from scratch, and the lr it wants depends on the data (how many
+labels, how separable the features are): on BANKING77 a linear probe on all-MiniLM-L6-v2
+does best at 3e-2, on CLINC150 at 1e-2, and ptedge's joint training agrees with the probe
+on both. So ``ptedge train`` decides it the way a probe does: it embeds the training
+records once with the prompt at its start (the step-0 features), fits the head alone on
+them at each of ``HEAD_LRS`` over the same batches and schedule the real run will use,
+keeps the lr with the best dev accuracy, and starts the joint run from that fitted head
+(LP-FT: Kumar et al., ICLR 2022, "Fine-Tuning can Distort Pretrained Features" — a
+probed head first, then the rest trained with it, beats either alone).
+
+Also here, because the probe must train exactly as the run does: the seeded batch order
+and the warm-up/decay schedule ``ptedge.train`` uses. Benchmarks use the same functions
+for their probe baselines.
+
+Not responsible for: the training loop (``ptedge.train``), the prompt, the features'
+pooling (``PTuningModel.features``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+HEAD_LRS = (3e-3, 1e-2, 3e-2, 1e-1)  # candidates for the linear head's peak lr
+FEATURE_BATCH = 64  # records per forward pass when embedding
+
+
+def batch_order(n: int, steps: int, batch: int, seed: int) -> list[list[int]]:
+    """The record indices of each step's batch, as ``ptedge.train`` draws them: seeded
+    permutations of ``range(n)``, popped from the end, one after another."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    batches = []
+    for _ in range(steps):
+        idx = []
+        while len(idx) < batch:
+            if not order:
+                order = torch.randperm(n, generator=gen).tolist()
+            idx.append(order.pop())
+        batches.append(idx)
+    return batches
+
+
+def schedule(opt: torch.optim.Optimizer, steps: int, warmup: float = 0.06):
+    """Linear warm-up over ``warmup`` of the steps, then linear decay to 0."""
+    warm = max(1, int(steps * warmup))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    )
+
+
+def fit_head(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batches: list[list[int]],
+    n_labels: int,
+    lr: float,
+    seed: int,
+    warmup: float = 0.06,
+) -> torch.nn.Linear:
+    """Linear(H, n_labels) trained on features x (N, H) with labels y (N,) as ptedge trains
+    its head: AdamW without weight decay, ``schedule`` over len(batches) steps, gradients
+    clipped at norm 1, ``batches`` indexing rows of x."""
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], n_labels)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    sched = schedule(opt, len(batches), warmup)
+    for rows in batches:
+        loss = torch.nn.functional.cross_entropy(head(x[rows]), y[rows])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    return head
+
+
+@torch.no_grad()
+def features(job, records: list[dict]) -> torch.Tensor:
+    """The head's input (N, H) for ``records`` under ``job``'s model as it is now."""
+    was_training = job.model.training
+    job.model.eval()
+    out = [
+        job.model.features(*job.batch(records[i : i + FEATURE_BATCH])).cpu()
+        for i in range(0, len(records), FEATURE_BATCH)
+    ]
+    job.model.train(was_training)
+    return torch.cat(out)
+
+
+def choose(job, examples: list, dev: list, steps: int, batch: int, seed: int, warmup: float):
+    """Fit the head alone on the step-0 features at each of ``HEAD_LRS``; returns (lr, head,
+    dev accuracy by lr) for the lr best on ``dev`` (ties: the smaller lr).
+
+    examples: (record, label index) pairs the run trains on; dev: (record, label index).
+    Only the training records the run's ``steps`` batches draw are embedded.
+    """
+    batches = batch_order(len(examples), steps, batch, seed)
+    used = sorted({i for b in batches for i in b})
+    row = {i: k for k, i in enumerate(used)}
+    x = features(job, [examples[i][0] for i in used])  # (U, H)
+    y = torch.tensor([examples[i][1] for i in used])  # (U,)
+    x_dev = features(job, [r for r, _ in dev])  # (D, H)
+    y_dev = torch.tensor([t for _, t in dev])  # (D,)
+    mapped = [[row[i] for i in b] for b in batches]
+    by_lr, heads = {}, {}
+    for lr in HEAD_LRS:
+        heads[lr] = fit_head(x, y, mapped, job.model.head.out_features, lr, seed, warmup)
+        with torch.no_grad():
+            by_lr[lr] = float((heads[lr](x_dev).argmax(-1) == y_dev).float().mean())
+    best = max(HEAD_LRS, key=lambda lr: (by_lr[lr], -lr))
+    return best, heads[best], by_lr
