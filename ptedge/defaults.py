@@ -84,17 +84,23 @@ def prompt_init(causal: bool) -> Choice:
     )
 
 
-HEAD_LR = 3e-2  # the linear head's peak lr; the prompt encoder keeps --lr
+HEAD_LR = 3e-2  # the linear head's peak lr without a dev split; the prompt encoder keeps --lr
+HEAD_LRS = (3e-3, 1e-2, 3e-2, 1e-1)  # candidates tried on dev (ptedge.head_fit.choose)
 
 
 def head_lr(lr: float) -> Choice:
-    """Peak lr of the linear head, which starts from scratch on the frozen features."""
+    """Peak lr of the linear head when there is no dev split to choose it on."""
     value = max(HEAD_LR, lr)
     return Choice(
         value,
         f"a classifier trained from scratch needs larger steps than the prompt encoder "
         f"(--lr {lr:g}); {HEAD_LR:g} was best or near best on every dev split tried",
     )
+
+
+def best_head_lr(dev_by_lr: dict[float, float]) -> float:
+    """The candidate with the best dev accuracy; ties go to the one nearest ``HEAD_LR``."""
+    return max(dev_by_lr, key=lambda lr: (dev_by_lr[lr], -abs(math.log(lr / HEAD_LR))))
 
 
 def head_lr_on_dev(lr: float, dev_by_lr: dict[float, float], prompt_lr: float) -> Choice:

@@ -5,7 +5,7 @@ labels, how separable the features are): on BANKING77 a linear probe on all-Mini
 does best at 3e-2, on CLINC150 at 1e-2, and ptedge's joint training agrees with the probe
 on both. So ``ptedge train`` decides it the way a probe does: it embeds the training
 records once with the prompt at its start (the step-0 features), fits the head alone on
-them at each of ``HEAD_LRS`` over the same batches and schedule the real run will use,
+them at each of ``defaults.HEAD_LRS`` over the same batches and schedule the real run will use,
 keeps the lr with the best dev accuracy, and starts the joint run from that fitted head
 (LP-FT: Kumar et al., ICLR 2022, "Fine-Tuning can Distort Pretrained Features" — a
 probed head first, then the rest trained with it, beats either alone).
@@ -20,9 +20,12 @@ pooling (``PTuningModel.features``).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
-HEAD_LRS = (3e-3, 1e-2, 3e-2, 1e-1)  # candidates for the linear head's peak lr
+from ptedge import defaults
+
 FEATURE_BATCH = 64  # records per forward pass when embedding
 
 
@@ -77,21 +80,41 @@ def fit_head(
 
 
 @torch.no_grad()
-def features(job, records: list[dict]) -> torch.Tensor:
+def features(job, records: list[dict], progress: bool = False) -> torch.Tensor:
     """The head's input (N, H) for ``records`` under ``job``'s model as it is now."""
+    from tqdm import tqdm
+
     was_training = job.model.training
     job.model.eval()
-    out = [
-        job.model.features(*job.batch(records[i : i + FEATURE_BATCH])).cpu()
-        for i in range(0, len(records), FEATURE_BATCH)
-    ]
+    out = []
+    with tqdm(
+        total=len(records),
+        desc="step-0 features",
+        unit="rec",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
+        for i in range(0, len(records), FEATURE_BATCH):
+            chunk = records[i : i + FEATURE_BATCH]
+            out.append(job.model.features(*job.batch(chunk)).cpu())
+            bar.update(len(chunk))
     job.model.train(was_training)
     return torch.cat(out)
 
 
-def choose(job, examples: list, dev: list, steps: int, batch: int, seed: int, warmup: float):
-    """Fit the head alone on the step-0 features at each of ``HEAD_LRS``; returns (lr, head,
-    dev accuracy by lr) for the lr best on ``dev`` (ties: the smaller lr).
+def choose(
+    job,
+    examples: list,
+    dev: list,
+    steps: int,
+    batch: int,
+    seed: int,
+    warmup: float,
+    progress: bool = False,
+):
+    """Fit the head alone on the step-0 features at each of ``defaults.HEAD_LRS``; returns
+    (lr, head, dev accuracy by lr) for the lr ``defaults.best_head_lr`` picks.
 
     examples: (record, label index) pairs the run trains on; dev: (record, label index).
     Only the training records the run's ``steps`` batches draw are embedded.
@@ -99,15 +122,16 @@ def choose(job, examples: list, dev: list, steps: int, batch: int, seed: int, wa
     batches = batch_order(len(examples), steps, batch, seed)
     used = sorted({i for b in batches for i in b})
     row = {i: k for k, i in enumerate(used)}
-    x = features(job, [examples[i][0] for i in used])  # (U, H)
+    texts = [examples[i][0] for i in used] + [r for r, _ in dev]
+    x_all = features(job, texts, progress)  # (U + D, H)
+    x, x_dev = x_all[: len(used)], x_all[len(used) :]  # (U, H), (D, H)
     y = torch.tensor([examples[i][1] for i in used])  # (U,)
-    x_dev = features(job, [r for r, _ in dev])  # (D, H)
     y_dev = torch.tensor([t for _, t in dev])  # (D,)
     mapped = [[row[i] for i in b] for b in batches]
     by_lr, heads = {}, {}
-    for lr in HEAD_LRS:
+    for lr in defaults.HEAD_LRS:
         heads[lr] = fit_head(x, y, mapped, job.model.head.out_features, lr, seed, warmup)
         with torch.no_grad():
             by_lr[lr] = float((heads[lr](x_dev).argmax(-1) == y_dev).float().mean())
-    best = max(HEAD_LRS, key=lambda lr: (by_lr[lr], -lr))
+    best = defaults.best_head_lr(by_lr)
     return best, heads[best], by_lr

@@ -424,13 +424,13 @@ def _start_head(job, examples, dev_eval, steps, args, progress) -> defaults.Choi
     if progress:
         print(
             f"fitting the linear head alone on the step-0 features of {len(examples)} "
-            f"records at lr {', '.join(f'{lr:g}' for lr in head_fit.HEAD_LRS)} "
+            f"records at lr {', '.join(f'{lr:g}' for lr in defaults.HEAD_LRS)} "
             f"(dev: {len(dev_eval)} records) to choose its lr",
             file=sys.stderr,
         )
     dev = [(r, t) for r, t in zip(dev_eval, job.targets(dev_eval), strict=True) if t is not None]
     lr, head, by_lr = head_fit.choose(
-        job, examples, dev, steps, args.batch_size, args.seed, args.warmup
+        job, examples, dev, steps, args.batch_size, args.seed, args.warmup, progress
     )
     job.model.head.load_state_dict(head.state_dict())
     return defaults.head_lr_on_dev(lr, by_lr, args.lr)

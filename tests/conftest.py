@@ -266,3 +266,19 @@ def banking77_fp32_bundle(banking77_run) -> Path:
     bundle = banking77_run.parent / "bundle-fp32"
     run_cli("export", str(banking77_run), "--out", str(bundle))
     return bundle
+
+
+@pytest.fixture
+def intents(tmp_path):
+    """300 records, 3 intents of unequal size."""
+    texts = {
+        "card": "my card has not arrived yet",
+        "film": "the movie was great",
+        "lang": "the official language of france is french",
+    }
+    recs = [
+        {"text": f"{texts[lab]} {i}", "intent": lab}
+        for lab, n in (("card", 150), ("film", 100), ("lang", 50))
+        for i in range(n)
+    ]
+    return write_jsonl(tmp_path / "intents.jsonl", recs)
