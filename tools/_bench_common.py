@@ -554,10 +554,12 @@ def peft_train(
     when ``dev`` is given). Returns per-step seconds and the dev history."""
     import torch
 
+    from ptedge.head_fit import schedule
+
     params = [p for p in model.parameters() if p.requires_grad]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = lr_schedule(opt, steps, warmup)
+    sched = schedule(opt, steps, warmup)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     eval_every = eval_every or max(steps // 5, 1)
@@ -595,16 +597,6 @@ def peft_train(
         "dev_history": history,
         "best": None if best is None else {k: best[k] for k in ("step", "dev_accuracy")},
     }
-
-
-def lr_schedule(opt, steps: int, warmup: float = 0.06):
-    """ptedge.train's schedule: linear warm-up over ``warmup`` of the steps, then decay to 0."""
-    import torch
-
-    warm = max(1, int(steps * warmup))
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
-    )
 
 
 def accuracy_of(pred: list[int], gold: list[int]) -> float:

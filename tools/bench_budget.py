@@ -2,7 +2,7 @@
 
 ``ptedge.defaults.batch_size`` and ``ptedge.defaults.steps`` give the linear head 32-record
 batches and at least ``PER_LABEL`` records per label. This benchmark is the evidence: the
-head alone, trained as ptedge trains it (``bench_quality.fit_head``: AdamW at the default
+head alone, trained as ptedge trains it (``ptedge.head_fit.fit_head``: AdamW at the default
 head lr, warm-up and decay, clipping, the seeded batch order) on frozen mean-pooled
 all-MiniLM-L6-v2 features of the training records, scored on the dev split, for each
 batch size and per-label floor, with the steps ``ptedge.defaults.steps`` gives for them
@@ -74,10 +74,10 @@ def steps_for(n: int, batch: int, labels: int, per_label: int) -> int:
 def dev_accuracy(f: dict, steps: int, batch: int, seed: int) -> float:
     import torch
 
-    from ptedge import defaults
+    from ptedge import defaults, head_fit
 
-    batches = bq.batch_order(len(f["y"]), steps, batch, seed)
-    head = bq.fit_head(f["x"], f["y"], batches, f["labels"], defaults.HEAD_LR, seed)
+    batches = head_fit.batch_order(len(f["y"]), steps, batch, seed)
+    head = head_fit.fit_head(f["x"], f["y"], batches, f["labels"], defaults.HEAD_LR, seed)
     with torch.no_grad():
         return float((head(f["x_dev"]).argmax(-1) == f["y_dev"]).float().mean())
 

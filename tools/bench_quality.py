@@ -728,50 +728,15 @@ def mean_embeddings(model_dir: Path, texts: list[str], batch: int = 64):
     return out
 
 
-def batch_order(n: int, steps: int, batch: int, seed: int = SEED) -> list[list[int]]:
-    """The record indices of each step's batch, in the order ptedge.train (and
-    bc.peft_train) draws them: seeded permutations, one epoch after another."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    batches = []
-    for _ in range(steps):
-        idx = []
-        while len(idx) < batch:
-            if not order:
-                order = torch.randperm(n, generator=gen).tolist()
-            idx.append(order.pop())
-        batches.append(idx)
-    return batches
-
-
-def fit_head(x, y, batches: list[list[int]], n_labels: int, lr: float, seed: int = SEED):
-    """Linear(H, labels) trained on features x (N, H) with labels y (N,) as ptedge trains
-    its head: AdamW, warm-up and linear decay over len(batches) steps, clipping at 1."""
-    import torch
-
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(x.shape[1], n_labels)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    sched = bc.lr_schedule(opt, len(batches))
-    for rows in batches:
-        loss = torch.nn.functional.cross_entropy(head(x[rows]), y[rows])
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    return head
-
-
 def linear_probe(model_dir, field, train, dev, test, n_labels, steps, batch) -> dict:
     """Linear(H, labels) on frozen mean-pooled embeddings, trained like everything else
     (AdamW, warm-up/decay, clipping, the seeded batch order); lr chosen on dev. Only the
     training records the batches draw are embedded."""
     import torch
 
-    batches = batch_order(len(train), steps, batch)
+    from ptedge import head_fit
+
+    batches = head_fit.batch_order(len(train), steps, batch, SEED)
     used = sorted({i for b in batches for i in b})
     row = {i: k for k, i in enumerate(used)}
     t0 = time.perf_counter()
@@ -784,7 +749,8 @@ def linear_probe(model_dir, field, train, dev, test, n_labels, steps, batch) -> 
     embed_s = time.perf_counter() - t0
     by_lr = {}
     for lr in PROBE_LRS:
-        head = fit_head(x_tr, y_tr, [[row[i] for i in b] for b in batches], n_labels, lr)
+        mapped = [[row[i] for i in b] for b in batches]
+        head = head_fit.fit_head(x_tr, y_tr, mapped, n_labels, lr, SEED)
         with torch.no_grad():
             dev_acc = float((head(x_dev).argmax(-1) == y_dev).float().mean())
             test_acc = float((head(x_te).argmax(-1) == y_te).float().mean())
