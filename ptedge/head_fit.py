@@ -86,7 +86,9 @@ def features(job, records: list[dict], progress: bool = False) -> torch.Tensor:
 
     was_training = job.model.training
     job.model.eval()
-    out = []
+    # batches of similar length pad less; rows go back to the records' order at the end
+    order = sorted(range(len(records)), key=lambda i: len(str(records[i])))
+    out = torch.empty(len(records), job.model.head.in_features)  # (N, H)
     with tqdm(
         total=len(records),
         desc="step-0 features",
@@ -96,11 +98,11 @@ def features(job, records: list[dict], progress: bool = False) -> torch.Tensor:
         dynamic_ncols=True,
     ) as bar:
         for i in range(0, len(records), FEATURE_BATCH):
-            chunk = records[i : i + FEATURE_BATCH]
-            out.append(job.model.features(*job.batch(chunk)).cpu())
-            bar.update(len(chunk))
+            rows = order[i : i + FEATURE_BATCH]
+            out[rows] = job.model.features(*job.batch([records[r] for r in rows])).cpu()
+            bar.update(len(rows))
     job.model.train(was_training)
-    return torch.cat(out)
+    return out
 
 
 def choose(

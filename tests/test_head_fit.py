@@ -82,3 +82,20 @@ def test_no_fit_when_the_lr_is_given_or_there_is_no_dev(
     cfg = _train(tiny, intents, tmp_path / "run", **given)
     assert not called
     assert cfg.head_lr == given.get("head_lr", defaults.HEAD_LR)
+
+
+def test_features_come_back_in_the_records_order(tiny, intents, tmp_path):
+    from ptedge.data import read_records
+    from ptedge.model import load_run
+    from ptedge.train import Job
+
+    run = tmp_path / "run"
+    _train(tiny, intents, run, steps=2)
+    cfg, model, tok, compiled, _ = load_run(run)
+    job = Job(cfg, model, tok, compiled)
+    recs = read_records(intents)[::7]
+    recs = [dict(r, text=r["text"] + " and more" * (i % 5)) for i, r in enumerate(recs)]
+    x = head_fit.features(job, recs)  # sorted by length inside, in batches of FEATURE_BATCH
+    one = torch.cat([head_fit.features(job, [r]) for r in recs[:5]])
+    assert x.shape == (len(recs), cfg.hidden_size)
+    assert torch.allclose(x[:5], one, atol=1e-5)
