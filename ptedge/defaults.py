@@ -108,8 +108,8 @@ def head_lr_on_dev(lr: float, dev_by_lr: dict[float, float], prompt_lr: float) -
     tried = ", ".join(f"{k:g}: {v:.3f}" for k, v in dev_by_lr.items())
     return Choice(
         lr,
-        f"best dev accuracy of the head fitted alone on the step-0 features ({tried}); "
-        f"the run starts from that head and trains it with the prompt (--lr {prompt_lr:g})",
+        f"best dev accuracy of the head fitted alone on the step-0 features ({tried}; "
+        f"ties go to {HEAD_LR:g}); the prompt encoder keeps --lr {prompt_lr:g}",
     )
 
 

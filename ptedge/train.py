@@ -391,7 +391,8 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         chosen["steps"] = defaults.steps(len(examples), args.batch_size, n_labels)
         steps = chosen["steps"].value
     if head == "linear" and args.head_lr is None and dev_eval is not None and steps > 0:
-        chosen["head_lr"] = _start_head(job, examples, dev_eval, steps, args, progress)
+        head_dev = _subsample(dev_recs, head_fit.DEV_MAX, args.seed)
+        chosen["head_lr"] = _start_head(job, examples, head_dev, steps, args, progress)
         cfg.head_lr = chosen["head_lr"].value
     cfg.defaults = {k: c.as_dict() for k, c in chosen.items()}
     out = Path(args.out)
@@ -418,21 +419,20 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     return cfg
 
 
-def _start_head(job, examples, dev_eval, steps, args, progress) -> defaults.Choice:
-    """Fit the linear head alone on the step-0 features at each candidate lr, keep the one
-    best on dev and start the run from its head (``ptedge.head_fit``)."""
+def _start_head(job, examples, dev_recs, steps, args, progress) -> defaults.Choice:
+    """The linear head's lr: fitted alone on the step-0 features at each candidate lr, the
+    one best on ``dev_recs`` (``ptedge.head_fit``)."""
     if progress:
         print(
             f"fitting the linear head alone on the step-0 features of {len(examples)} "
             f"records at lr {', '.join(f'{lr:g}' for lr in defaults.HEAD_LRS)} "
-            f"(dev: {len(dev_eval)} records) to choose its lr",
+            f"(dev: {len(dev_recs)} records) to choose its lr",
             file=sys.stderr,
         )
-    dev = [(r, t) for r, t in zip(dev_eval, job.targets(dev_eval), strict=True) if t is not None]
-    lr, head, by_lr = head_fit.choose(
+    dev = [(r, t) for r, t in zip(dev_recs, job.targets(dev_recs), strict=True) if t is not None]
+    lr, by_lr = head_fit.choose(
         job, examples, dev, steps, args.batch_size, args.seed, args.warmup, progress
     )
-    job.model.head.load_state_dict(head.state_dict())
     return defaults.head_lr_on_dev(lr, by_lr, args.lr)
 
 
