@@ -424,9 +424,10 @@ def _start_head(job, examples, dev_recs, steps, args, progress) -> defaults.Choi
     one best on ``dev_recs`` (``ptedge.head_fit``)."""
     if progress:
         print(
-            f"fitting the linear head alone on the step-0 features of {len(examples)} "
-            f"records at lr {', '.join(f'{lr:g}' for lr in defaults.HEAD_LRS)} "
-            f"(dev: {len(dev_recs)} records) to choose its lr",
+            "choosing the linear head's lr: the head alone, fitted on the step-0 features of "
+            f"the training records this run draws, at lr "
+            f"{', '.join(f'{lr:g}' for lr in defaults.HEAD_LRS)}, judged on {len(dev_recs)} "
+            "dev records",
             file=sys.stderr,
         )
     dev = [(r, t) for r, t in zip(dev_recs, job.targets(dev_recs), strict=True) if t is not None]
