@@ -17,6 +17,8 @@ from pathlib import Path
 
 import click
 
+from ptedge import defaults
+
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError)
 
 
@@ -335,7 +337,7 @@ def _is_bundle(path: str) -> bool:
 @click.option(
     "--reject-max-drop",
     type=float,
-    default=1.0,
+    default=defaults.REJECT_MAX_DROP,
     show_default=True,
     help="In-scope dev accuracy points the rejection threshold may cost.",
 )

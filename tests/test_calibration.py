@@ -222,3 +222,12 @@ def test_reject_file_missing_a_field_fails_before_export(tiny, bundle, tmp_path)
     with pytest.raises(ValueError, match="bad.jsonl:1: missing field 'sentence'"):
         export(ExportArgs(runs=[str(run)], out=str(tmp_path / "b"), reject=str(bad)))
     assert not (tmp_path / "b").exists()
+
+
+def test_the_rejection_budget_defaults_to_the_stated_two_points():
+    from ptedge import defaults
+    from ptedge.cli import main
+    from ptedge.export.pipeline import ExportArgs
+
+    option = next(p for p in main.commands["export"].params if p.name == "reject_max_drop")
+    assert option.default == ExportArgs.reject_max_drop == defaults.REJECT_MAX_DROP == 2.0

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ptedge.checks import check_export_data
 from ptedge.decoding import empty_past
+from ptedge.defaults import REJECT_MAX_DROP
 from ptedge.export import causal
 from ptedge.export.bundle import atomic_folder, check_out, store_weights_apart, write_manifest
 from ptedge.export.calibrate import calibrate, check_inputs
@@ -53,7 +54,7 @@ class ExportArgs:
     format: str = "onnx"  # onnx | ort (+ model.ort, for mobile) | genai (onnxruntime-genai)
     dtype: str = "fp32"  # fp32 | fp16 (for GPUs; exclusive with quantize)
     reject: str | None = None  # records of no label: fit a rejection threshold
-    reject_max_drop: float = 1.0  # in-scope dev accuracy points rejection may cost
+    reject_max_drop: float = REJECT_MAX_DROP  # in-scope dev accuracy points rejection may cost
     graph: str = "auto"  # auto (builder where it applies) | trace (TorchScript/optimum only)
 
 
