@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from conftest import needs_vnni
 from onnx import TensorProto, helper, numpy_helper
 
 from ptedge.export import decoder_graph, smooth_int8
@@ -114,6 +115,7 @@ def test_smoothing_keeps_the_float_outputs(tmp_path):
     )
 
 
+@needs_vnni
 def test_integer_graph_is_close_and_batch_independent(tmp_path):
     src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
     _block(src)
