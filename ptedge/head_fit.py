@@ -117,7 +117,7 @@ def choose(
     progress: bool = False,
 ):
     """Fit the head alone on the step-0 features at each of ``defaults.HEAD_LRS``; returns
-    (lr, head, dev accuracy by lr) for the lr ``defaults.best_head_lr`` picks.
+    (lr, dev accuracy by lr), the lr being the one ``defaults.best_head_lr`` picks.
 
     examples: (record, label index) pairs the run trains on; dev: (record, label index).
     Only the training records the run's ``steps`` batches draw are embedded.
