@@ -55,24 +55,6 @@ def _builder_builds_in_tmp(tmp_path_factory):
     del os.environ["PTEDGE_GENAI_BUILDS"]
 
 
-def _cpu_has_vnni() -> bool:
-    """Whether this CPU has an int8 dot-product instruction (AVX-512 VNNI or AVX-VNNI).
-    Without one, onnxruntime's uint8 x int8 kernels add pairs of products in saturating
-    16-bit lanes (AVX2 vpmaddubsw), so int8 scores can differ from a VNNI machine's and the
-    browser's exact integer arithmetic."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # not Linux: assume a current CPU
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-needs_vnni = pytest.mark.skipif(
-    not _cpu_has_vnni(),
-    reason="no AVX-512 VNNI / AVX-VNNI: onnxruntime's u8s8 int8 kernels saturate on AVX2",
-)
-
-
 def shared_data(*parts: str) -> Path:
     """A path under ../shared/data, skipping the test when it is absent."""
     path = DATA.joinpath(*parts)

@@ -16,12 +16,14 @@ pytest.importorskip("torch")
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from conftest import write_jsonl  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
 
 from ptedge.config import RunConfig  # noqa: E402
 from ptedge.data import read_records  # noqa: E402
 from ptedge.export import ExportArgs, export  # noqa: E402
 from ptedge.export.bundle import sha256_file  # noqa: E402
 from ptedge.export.fusion import encoder_shape  # noqa: E402
+from ptedge.export.quant_graph import MATMUL_WEIGHT_PEAK  # noqa: E402
 from ptedge.export.quantize import Context, excluded_nodes, quantize, recipes_for  # noqa: E402
 from ptedge.runtime import Predictor  # noqa: E402
 from ptedge.template import encode  # noqa: E402
@@ -137,6 +139,14 @@ def test_static_int8_graph_has_constant_scales_and_float_heads(tiny_runs, tmp_pa
     heads = [n for n in graph.node if n.name.startswith("/heads")]
     assert {n.op_type for n in heads} & {"Gemm", "MatMul"}
     inits = {i.name: i for i in graph.initializer}
+    # integer MatMul weights are 7-bit, so AVX2 CPUs (saturating int16 pair sums) give
+    # the same integers as VNNI ones
+    integer_ops = ("MatMulIntegerToFloat", "QAttention")
+    weights = [n.input[1] for n in graph.node if n.op_type in integer_ops]
+    assert weights and all(
+        np.abs(numpy_helper.to_array(inits[w]).astype(int)).max() <= MATMUL_WEIGHT_PEAK
+        for w in weights
+    )
     table = [n for n in inits if n.endswith(".int8")]
     assert len(table) == 1
     rows = inits[table[0]].dims[0]

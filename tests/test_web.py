@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, needs_vnni, shared_data, write_jsonl
+from conftest import ROOT, shared_data, write_jsonl
 
 from ptedge.serve_static import serve_in_thread
 
@@ -284,7 +284,6 @@ def _banking77_test(n: int = 100) -> list[dict]:
 
 
 @pytest.mark.slow
-@needs_vnni
 def test_page_int8_labels_equal_python_on_100_banking77(
     banking77_int8_bundle, web_client, tmp_path
 ):

@@ -31,6 +31,11 @@ from pathlib import Path
 import numpy as np
 
 NBITS_BLOCK = 32  # MatMulNBits / GatherBlockQuantized block size (input dimension)
+# int8 weights that an integer MatMul meets with uint8 activations stay within +-64 (7 bits).
+# CPUs without an int8 dot product (AVX2, no VNNI) add pairs of uint8 x int8 products in
+# saturating int16 lanes (vpmaddubsw): 255 * 127 * 2 overflows, 255 * 64 * 2 = 32,640 does
+# not. So the same bundle gives the same integers on AVX2, VNNI and WebAssembly CPUs.
+MATMUL_WEIGHT_PEAK = 64
 # node-name prefixes of heads left in float: task heads of task graphs, the LM head of decoders
 HEAD_PREFIXES = ("/heads", "/lm_head")
 
@@ -50,7 +55,8 @@ def _quiet(name: str, level: int = logging.WARNING):
 def quantize_dynamic_int8(src: Path, dst: Path, excluded: list[str]) -> None:
     """onnxruntime's dynamic quantization: per-channel int8 weights of the MatMuls (and
     fused ``Attention``) with constant weights, activations quantized per tensor at run
-    time. The starting point of ``static_activations``."""
+    time. The starting point of ``static_activations``. Weights are 7-bit (onnxruntime's
+    ``reduce_range``, [-64, 64]; ``MATMUL_WEIGHT_PEAK``)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -61,6 +67,7 @@ def quantize_dynamic_int8(src: Path, dst: Path, excluded: list[str]) -> None:
             str(dst),
             op_types_to_quantize=["MatMul", "Attention"],
             per_channel=True,
+            reduce_range=True,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=excluded,
             # fused ops are com.microsoft ones, which shape inference cannot type
@@ -109,11 +116,12 @@ def activation_ranges(
     return {x: (lo[x], hi[x]) for x in names}
 
 
-def symmetric_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """``w`` as int8 in [-127, 127] with one float32 scale per slice along ``axis``:
-    (q like w, scale with ``axis`` kept as size 1), ``w ~= q * scale``."""
-    scale = np.maximum(np.abs(w).max(axis=axis, keepdims=True), 1e-12) / 127.0
-    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+def symmetric_int8(w: np.ndarray, axis: int, peak: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` as int8 in [-peak, peak] with one float32 scale per slice along ``axis``:
+    (q like w, scale with ``axis`` kept as size 1), ``w ~= q * scale``. Integer MatMul
+    weights pass ``peak=MATMUL_WEIGHT_PEAK``."""
+    scale = np.maximum(np.abs(w).max(axis=axis, keepdims=True), 1e-12) / peak
+    q = np.clip(np.round(w / scale), -peak, peak).astype(np.int8)
     return q, scale.astype(np.float32)
 
 
