@@ -143,6 +143,7 @@ def test_static_int8_graph_has_constant_scales_and_float_heads(tiny_runs, tmp_pa
     # the same integers as VNNI ones
     integer_ops = ("MatMulIntegerToFloat", "QAttention")
     weights = [n.input[1] for n in graph.node if n.op_type in integer_ops]
+    assert q["weight_peak"] == MATMUL_WEIGHT_PEAK
     assert weights and all(
         np.abs(numpy_helper.to_array(inits[w]).astype(int)).max() <= MATMUL_WEIGHT_PEAK
         for w in weights

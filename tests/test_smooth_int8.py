@@ -120,7 +120,7 @@ def test_integer_graph_is_close_and_batch_independent(tmp_path):
     _block(src)
     rng = np.random.default_rng(3)
     facts = smooth_int8.write(src, out, [{"x": _x(rng, 1)} for _ in range(8)])
-    assert facts["integer_matmuls"] == 5
+    assert facts["integer_matmuls"] == 5 and facts["weight_peak"] == MATMUL_WEIGHT_PEAK
     model = onnx.load(str(out))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("MatMulIntegerToFloat") == 5 and ops.count("MatMul") == 1  # the head
@@ -134,3 +134,27 @@ def test_integer_graph_is_close_and_batch_independent(tmp_path):
     assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max()
     # a record alone and beside others: the same scores (scales are per token)
     np.testing.assert_allclose(_run(out, x[1:2]), got[1:2], rtol=1e-6, atol=1e-6)
+
+
+def test_uint8_by_7bit_weights_is_exact_on_this_cpu():
+    """The integer MatMul onnxruntime runs here, at the extremes the recipes allow (uint8
+    activations up to 255, weights within +-MATMUL_WEIGHT_PEAK), equals exact integer
+    arithmetic: no CPU's kernel saturates, so every CPU gives the same integers. (At +-127,
+    an AVX2 CPU without VNNI got 99.8% of these outputs wrong.)"""
+    rng = np.random.default_rng(0)
+    k, n = 384, 64
+    p = MATMUL_WEIGHT_PEAK
+    w = rng.choice(np.array([-p, p], np.int8), size=(k, n))  # (K, N), worst case
+    a = np.full((4, k), 255, np.uint8)  # (B, K)
+    a[1] = rng.integers(0, 256, size=k)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [None, n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"a": a})[0]
+    np.testing.assert_array_equal(got, a.astype(np.int64) @ w.astype(np.int64))

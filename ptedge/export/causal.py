@@ -69,8 +69,8 @@ RECIPES = {
 METHODS = {
     "fp32": "onnxruntime-genai builder, float32",
     "int8-token": "SmoothQuant (alpha 0.5, folded into the RMSNorm weights and up "
-    "projections) then MatMulIntegerToFloat: int8 weights with one scale per output column, "
-    "uint8 activations with one scale per token computed in the graph; word embedding "
+    "projections) then MatMulIntegerToFloat: 7-bit int8 weights with one scale per output "
+    "column, uint8 activations with one scale per token computed in the graph; word embedding "
     "per-row int8; prompt rows and task heads float",
     "int8": "MatMulNBits 8-bit weights in blocks of 32 (LM head and tied embedding too), "
     "activations int8 per block (accuracy level 4); prompt rows and task heads float",

@@ -15,7 +15,8 @@ earlier recipe, onnxruntime's dynamic quantization) made 14 of 400 BANKING77 tes
 change between batch sizes 1 and 32.
 
 - ``static`` (int8; encoders and other non-causal graphs): BERT-family encoders fused
-  first (``ptedge.export.fusion``), per-channel int8 MatMul weights and fused attention
+  first (``ptedge.export.fusion``), per-channel 7-bit int8 MatMul weights (within +-64:
+  ``quant_graph.MATMUL_WEIGHT_PEAK``, recorded as ``weight_peak``) and fused attention
   (``QAttention``), activations int8 with one scale per tensor calibrated on the guard
   data's records (min/max over real tokens), the word embedding per-row int8.
 - ``weight-only`` / ``weight-only-float`` (int8): ``MatMulNBits`` 8-bit weights in blocks
@@ -92,7 +93,12 @@ def _static_int8(fp32: Path, out: Path, ctx: Context) -> dict:
     qg.static_activations(model, ranges)
     table = qg.quantize_embedding_rows(model)
     onnx.save(model, str(out))
-    return {"fused_ops": fused, "embedding": table, "calibration": ctx.calibration_data}
+    return {
+        "fused_ops": fused,
+        "embedding": table,
+        "calibration": ctx.calibration_data,
+        "weight_peak": qg.MATMUL_WEIGHT_PEAK,
+    }
 
 
 def _nbits(fp32: Path, out: Path, ctx: Context, bits: int, level: int) -> dict:
@@ -110,9 +116,9 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe(
         "static",
         "int8",
-        "static int8: per-channel int8 MatMul weights (fused attention too, for BERT-family "
-        "encoders), int8 activations with one scale per tensor calibrated at export, per-row "
-        "int8 embedding",
+        "static int8: per-channel 7-bit int8 MatMul weights (fused attention too, for "
+        "BERT-family encoders), int8 activations with one scale per tensor calibrated at "
+        "export, per-row int8 embedding",
         _static_int8,
         causal=False,
     ),
@@ -185,7 +191,7 @@ def quantize(fp32: Path, out: Path, name: str, ctx: Context) -> dict:
         "fused_ops": facts.get("fused_ops"),
         "excluded_nodes": ctx.excluded,
         "embedding": facts.get("embedding"),
-        **({"calibration": facts["calibration"]} if "calibration" in facts else {}),
+        **{k: facts[k] for k in ("calibration", "weight_peak") if k in facts},
         "fp32_bytes": fp32.stat().st_size,
         "bytes": out.stat().st_size,
     }

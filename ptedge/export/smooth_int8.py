@@ -258,6 +258,7 @@ def write(fp32: Path, out: Path, feeds: list[dict[str, np.ndarray]], alpha: floa
         "alpha": alpha,
         "smoothed": smoothed,
         "integer_matmuls": matmuls,
+        "weight_peak": MATMUL_WEIGHT_PEAK,
         "embedding": table,
         "graph_nodes": len(model.graph.node),
     }
