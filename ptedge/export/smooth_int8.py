@@ -1,5 +1,5 @@
 """int8 with integer arithmetic for the builder's float task graphs: smoothed activations
-quantized per token, VNNI integer MatMuls.
+quantized per token, integer MatMuls with 7-bit weights.
 
 Why: on SmolLM2 task graphs (40 tokens) onnxruntime 1.32's ``MatMulNBits`` (8-bit
 blocks, int8 activations per block, accuracy level 4) runs no faster than float
