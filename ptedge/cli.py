@@ -162,7 +162,9 @@ def _verbalizer(value: str | None) -> dict[str, str] | None:
     "--head-lr",
     type=float,
     help="Peak learning rate of the linear head. Default: chosen on dev among 0.003, 0.01, "
-    "0.03 and 0.1 by fitting the head alone on the step-0 features (0.03 without a dev split).",
+    "0.03 and 0.1 by fitting the head alone on the step-0 features (0.03 without a dev split); "
+    "after training the head is fitted again on the trained prompt's features and replaces the "
+    "trained one when dev prefers it beyond chance. Giving --head-lr turns both fits off.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(

@@ -104,6 +104,30 @@ def best_head_lr(dev_by_lr: dict[float, float]) -> float:
     return max(dev_by_lr, key=lambda lr: (dev_by_lr[lr], -abs(math.log(lr / HEAD_LR))))
 
 
+REFIT_Z = 1.96  # a refitted head replaces the trained one when its dev gain is this sure
+
+
+def keeps_refit(only_refit: int, only_trained: int) -> bool:
+    """Whether the head refitted after training replaces the trained one: a paired sign
+    test on dev (records only the refit gets right against those only the trained head
+    gets right), z >= ``REFIT_Z``. Dev also chose the refit's lr, so a small gain is noise."""
+    n = only_refit + only_trained
+    return n > 0 and (only_refit - only_trained) / math.sqrt(n) >= REFIT_Z
+
+
+def head_refit(kept: bool, by_lr: dict[float, float], counts: tuple[int, int], n: int) -> Choice:
+    """What the refit after training did, with its dev evidence."""
+    tried = ", ".join(f"{k:g}: {v:.3f}" for k, v in by_lr.items())
+    b, c = counts
+    verdict = "replaced the trained head" if kept else "the trained head stays"
+    return Choice(
+        "refit" if kept else "trained",
+        f"the head fitted anew on the trained prompt's features (dev accuracy by lr {tried}) "
+        f"is right on {b} of {n} dev records the trained head gets wrong and wrong on {c} it "
+        f"gets right: {verdict} (kept when (b - c) / sqrt(b + c) >= {REFIT_Z:g})",
+    )
+
+
 def head_lr_on_dev(lr: float, dev_by_lr: dict[float, float], prompt_lr: float) -> Choice:
     """The linear head's peak lr as chosen on dev by ``ptedge.head_fit.choose``."""
     tried = ", ".join(f"{k:g}: {v:.3f}" for k, v in dev_by_lr.items())

@@ -1,5 +1,5 @@
-"""The linear head fitted alone on frozen features, to choose its lr before the prompt is
-trained.
+"""The linear head fitted alone on frozen features: before training, to choose its lr; after
+training, to refit it on the trained prompt's features when dev says that is better.
 
 A linear head starts from scratch, and the lr it wants can depend on the data (how many
 labels, how separable the features are): a linear probe on plain mean-pooled
@@ -81,7 +81,9 @@ def fit_head(
 
 
 @torch.no_grad()
-def features(job, records: list[dict], progress: bool = False) -> torch.Tensor:
+def features(
+    job, records: list[dict], progress: bool = False, desc: str = "step-0 features"
+) -> torch.Tensor:
     """The head's input (N, H) for ``records`` under ``job``'s model as it is now."""
     from tqdm import tqdm
 
@@ -92,7 +94,7 @@ def features(job, records: list[dict], progress: bool = False) -> torch.Tensor:
     out = torch.empty(len(records), job.model.head.in_features)  # (N, H)
     with tqdm(
         total=len(records),
-        desc="step-0 features",
+        desc=desc,
         unit="rec",
         file=sys.stderr,
         disable=not progress,
@@ -122,19 +124,46 @@ def choose(
     examples: (record, label index) pairs the run trains on; dev: (record, label index).
     Only the training records the run's ``steps`` batches draw are embedded.
     """
+    _, by_lr, _ = _fit_candidates(
+        job, examples, dev, steps, batch, seed, warmup, progress, "step-0 features"
+    )
+    return defaults.best_head_lr(by_lr), by_lr
+
+
+def _fit_candidates(job, examples, dev, steps, batch, seed, warmup, progress, desc):
+    """({lr: head}, {lr: dev accuracy}, (x_dev (D, H), y_dev (D,))): the head fitted alone at
+    each of ``defaults.HEAD_LRS`` on the features ``job``'s model gives now."""
     batches = batch_order(len(examples), steps, batch, seed)
     used = sorted({i for b in batches for i in b})
     row = {i: k for k, i in enumerate(used)}
     texts = [examples[i][0] for i in used] + [r for r, _ in dev]
-    x_all = features(job, texts, progress)  # (U + D, H)
+    x_all = features(job, texts, progress, desc)  # (U + D, H)
     x, x_dev = x_all[: len(used)], x_all[len(used) :]  # (U, H), (D, H)
     y = torch.tensor([examples[i][1] for i in used])  # (U,)
     y_dev = torch.tensor([t for _, t in dev])  # (D,)
     mapped = [[row[i] for i in b] for b in batches]
-    by_lr = {}
+    heads, by_lr = {}, {}
     with torch.random.fork_rng():  # the run's own random state is left as it was
         for lr in defaults.HEAD_LRS:
-            head = fit_head(x, y, mapped, job.model.head.out_features, lr, seed, warmup)
+            heads[lr] = fit_head(x, y, mapped, job.model.head.out_features, lr, seed, warmup)
             with torch.no_grad():
-                by_lr[lr] = float((head(x_dev).argmax(-1) == y_dev).float().mean())
-    return defaults.best_head_lr(by_lr), by_lr
+                by_lr[lr] = float((heads[lr](x_dev).argmax(-1) == y_dev).float().mean())
+    return heads, by_lr, (x_dev, y_dev)
+
+
+def refit(job, examples, dev, steps, batch, seed, warmup, progress: bool = False):
+    """The head fitted anew on the trained prompt's features, when dev prefers it.
+
+    Returns (head or None, {lr: dev accuracy}, (b, c)): the best candidate by dev accuracy
+    (``defaults.best_head_lr``), or None when the trained head ``job.model.head`` stays;
+    b = dev records only the refit gets right, c = those only the trained head gets right.
+    """
+    heads, by_lr, (x_dev, y_dev) = _fit_candidates(
+        job, examples, dev, steps, batch, seed, warmup, progress, "final features"
+    )
+    lr = defaults.best_head_lr(by_lr)
+    with torch.no_grad():
+        new = heads[lr](x_dev).argmax(-1) == y_dev  # (D,)
+        old = job.model.head(x_dev.to(job.device)).argmax(-1).cpu() == y_dev  # (D,)
+    counts = (int((new & ~old).sum()), int((~new & old).sum()))
+    return (heads[lr] if defaults.keeps_refit(*counts) else None), by_lr, counts

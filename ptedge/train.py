@@ -390,8 +390,9 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         n_labels = len(labels) if head == "linear" else None
         chosen["steps"] = defaults.steps(len(examples), args.batch_size, n_labels)
         steps = chosen["steps"].value
+    head_dev = None  # dev (record, label index) pairs that judge the head's fits
     if head == "linear" and args.head_lr is None and dev_eval is not None and steps > 0:
-        head_dev = _subsample(dev_recs, head_fit.DEV_MAX, args.seed)
+        head_dev = _head_dev(job, dev_recs, args.seed)
         chosen["head_lr"] = _start_head(job, examples, head_dev, steps, args, progress)
         cfg.head_lr = chosen["head_lr"].value
     cfg.defaults = {k: c.as_dict() for k, c in chosen.items()}
@@ -412,6 +413,9 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         cfg.best = best_state["metrics"] | {"top_dev_accuracy": best_state["top"]}
     elif dev_eval is not None:
         cfg.best = {"step": steps, **{f"dev_{k}": v for k, v in evaluate(job, dev_eval).items()}}
+    if head_dev is not None:
+        refit = _refit_head(job, examples, head_dev, steps, args, progress)
+        cfg.defaults["head_refit"] = refit.as_dict()
     model.save_weights(out)
     cfg.save(out)
     _plot(out / METRICS, out / CURVE)
@@ -419,22 +423,47 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     return cfg
 
 
-def _start_head(job, examples, dev_recs, steps, args, progress) -> defaults.Choice:
+def _head_dev(job, dev_recs: Records, seed: int) -> list:
+    """(record, label index) pairs of the dev split, up to ``head_fit.DEV_MAX``."""
+    recs = _subsample(dev_recs, head_fit.DEV_MAX, seed)
+    return [(r, t) for r, t in zip(recs, job.targets(recs), strict=True) if t is not None]
+
+
+def _start_head(job, examples, dev, steps, args, progress) -> defaults.Choice:
     """The linear head's lr: fitted alone on the step-0 features at each candidate lr, the
-    one best on ``dev_recs`` (``ptedge.head_fit``)."""
+    one best on ``dev`` (``ptedge.head_fit``)."""
     if progress:
         print(
             "choosing the linear head's lr: the head alone, fitted on the step-0 features of "
             f"the training records this run draws, at lr "
-            f"{', '.join(f'{lr:g}' for lr in defaults.HEAD_LRS)}, judged on {len(dev_recs)} "
+            f"{', '.join(f'{lr:g}' for lr in defaults.HEAD_LRS)}, judged on {len(dev)} "
             "dev records",
             file=sys.stderr,
         )
-    dev = [(r, t) for r, t in zip(dev_recs, job.targets(dev_recs), strict=True) if t is not None]
     lr, by_lr = head_fit.choose(
         job, examples, dev, steps, args.batch_size, args.seed, args.warmup, progress
     )
     return defaults.head_lr_on_dev(lr, by_lr, args.lr)
+
+
+def _refit_head(job, examples, dev, steps, args, progress) -> defaults.Choice:
+    """The head fitted anew on the trained prompt's features; it replaces the trained head
+    in ``job.model`` when dev prefers it beyond chance (``head_fit.refit``)."""
+    if progress:
+        print(
+            "refitting the linear head on the trained prompt's features, judged against the "
+            f"trained head on {len(dev)} dev records",
+            file=sys.stderr,
+        )
+    new, by_lr, counts = head_fit.refit(
+        job, examples, dev, steps, args.batch_size, args.seed, args.warmup, progress
+    )
+    if new is not None:
+        job.model.head.load_state_dict(new.state_dict())
+    choice = defaults.head_refit(new is not None, by_lr, counts, len(dev))
+    if progress:
+        print(f"head refit: {choice.why}", file=sys.stderr)
+    return choice
 
 
 def _say_choices(chosen: dict[str, defaults.Choice], dev_split: dict, args: TrainArgs) -> None:

@@ -109,7 +109,7 @@ def test_training_without_dev_carves_and_records_it(tiny, intents, tmp_path):
     assert cfg.dev_file == str((out / "dev.jsonl").resolve())
     dev = read_records(cfg.dev_file)
     assert Counter(r["intent"] for r in dev) == {"card": 15, "film": 10, "lang": 5}
-    assert set(cfg.defaults) == {"prompt_init", "pool", "head_lr"}  # --steps given: not one
+    assert set(cfg.defaults) == {"prompt_init", "pool", "head_lr", "head_refit"}  # no steps
     assert cfg.defaults["pool"]["value"] == "mean" and cfg.pool == "mean"
     assert cfg.defaults["head_lr"]["value"] == cfg.head_lr in defaults.HEAD_LRS  # on dev
     assert cfg.best["dev_n"] == 30  # selection ran on the carved split

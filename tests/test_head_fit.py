@@ -49,9 +49,12 @@ def test_the_head_is_fitted_on_the_batches_the_run_draws(tiny, intents, tmp_path
     assert [[texts[i] for i in b] for b in fitted["order"]] == drawn
 
 
-def test_the_fit_chooses_the_lr_and_leaves_the_run_as_if_it_were_given(tiny, intents, tmp_path):
+def test_the_fit_chooses_the_lr_and_leaves_the_run_as_if_it_were_given(
+    tiny, intents, tmp_path, monkeypatch
+):
     """A run at defaults writes the same weights as one given ``--head-lr`` at the chosen
     value: the head fit changes the lr, not the run's random state or starting point."""
+    monkeypatch.setattr(defaults, "keeps_refit", lambda b, c: False)  # the trained head stays
     run, given = tmp_path / "run", tmp_path / "given"
     cfg = _train(tiny, intents, run, steps=6)
     why = cfg.defaults["head_lr"]["why"]
@@ -68,9 +71,61 @@ def test_no_fit_when_the_lr_is_given_or_there_is_no_dev(
 ):
     called = []
     monkeypatch.setattr(head_fit, "choose", lambda *a: called.append(a))
+    monkeypatch.setattr(head_fit, "refit", lambda *a: called.append(a))
     cfg = _train(tiny, intents, tmp_path / "run", **given)
     assert not called
     assert cfg.head_lr == given.get("head_lr", defaults.HEAD_LR)
+    assert "head_refit" not in cfg.defaults
+
+
+def test_a_refit_replaces_the_head_only_when_dev_gains_beyond_chance():
+    assert not defaults.keeps_refit(0, 0)
+    assert not defaults.keeps_refit(11, 6)  # BANKING77 dev: 5 more right of 998, noise
+    assert defaults.keeps_refit(50, 24)  # CLINC150 dev: 26 more right of 3,000
+    assert not defaults.keeps_refit(24, 50)
+
+
+def test_refit_beats_a_spoiled_head_on_the_final_features(tiny, intents, tmp_path):
+    from ptedge.data import read_records
+    from ptedge.model import load_run
+    from ptedge.train import Job
+
+    run = tmp_path / "run"
+    _train(tiny, intents, run, steps=20)
+    cfg, model, tok, compiled, _ = load_run(run)
+    job = Job(cfg, model, tok, compiled)
+    recs = read_records(intents)
+    pairs = list(zip(recs, job.targets(recs), strict=True))
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))  # always the third label
+    head, by_lr, (b, c) = head_fit.refit(job, pairs[::2], pairs[1::2], 40, 8, 0, 0.06)
+    assert head is not None and b > c and max(by_lr.values()) > 0.9
+    assert set(by_lr) == set(defaults.HEAD_LRS)
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_the_run_saves_the_head_the_refit_chose(tiny, intents, tmp_path, monkeypatch, kept):
+    from safetensors.torch import load_file
+
+    seen = {}
+    real_refit = head_fit.refit
+
+    def spy(job, *a, **kw):
+        seen["trained"] = {k: v.clone() for k, v in job.model.head.state_dict().items()}
+        head, by_lr, counts = real_refit(job, *a, **kw)
+        seen["refit"] = head
+        return head, by_lr, counts
+
+    monkeypatch.setattr(head_fit, "refit", spy)
+    monkeypatch.setattr(defaults, "keeps_refit", lambda b, c: kept)
+    cfg = _train(tiny, intents, tmp_path / "run", steps=6)
+    saved = load_file(tmp_path / "run" / "head.safetensors")
+    want = seen["refit"].state_dict() if kept else seen["trained"]
+    assert (seen["refit"] is not None) == kept
+    assert all(torch.equal(v, want[k.split(".")[-1]]) for k, v in saved.items())
+    assert cfg.defaults["head_refit"]["value"] == ("refit" if kept else "trained")
+    assert "dev records" in cfg.defaults["head_refit"]["why"]
 
 
 def test_features_come_back_in_the_records_order(tiny, intents, tmp_path):
