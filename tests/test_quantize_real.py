@@ -65,9 +65,15 @@ def banking77_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", params=["int8", "int4"])
 def quantized_bundle(request, banking77_run) -> Path:
-    """The run exported by ``ptedge export --quantize int8|int4`` (defaults). Read-only."""
+    """The run exported by ``ptedge export --quantize int8|int4`` (defaults). Read-only.
+
+    int4 is written whatever its guard says: this module tests that answers do not depend
+    on the batch or the thread, not accuracy (the 150-step run's refitted head loses 1.2
+    dev points at int4, past the default 1-point limit; int8 stays under its guard).
+    """
     bundle = banking77_run.parent / f"bundle-{request.param}"
-    _cli("export", str(banking77_run), "--out", str(bundle), "--quantize", request.param)
+    lenient = ["--allow-accuracy-drop"] if request.param == "int4" else []
+    _cli("export", str(banking77_run), "--out", str(bundle), "--quantize", request.param, *lenient)
     return bundle
 
 
