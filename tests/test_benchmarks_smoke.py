@@ -120,3 +120,21 @@ def test_bench_quality_quick(tmp_path):
     assert 0 <= data["clinc150"]["ptedge_int8_oos"]["oos_recall"] <= 1
     for heading in ("## LAMA", "## SST-2", "## all-MiniLM", "## CLINC150", "**macro**"):
         assert heading in md
+
+
+def test_bench_quality_quick_on_a_users_folder(tmp_path):
+    """`--data DIR`: a folder of the user's own files (here 300 SST-2 training sentences and
+    the test split, no dev file) runs as the MiniLM tasks do, beside PEFT and the probe."""
+    train = shared_data("sst2", "train.tsv").read_text().splitlines()
+    data_dir = tmp_path / "reviews"
+    data_dir.mkdir()
+    (data_dir / "train.tsv").write_text("\n".join(train[:301]) + "\n")
+    (data_dir / "test.tsv").write_bytes(shared_data("sst2", "test.tsv").read_bytes())
+    extra = ("--data", str(data_dir), "--field", "sentence")
+    data, md = _outputs(_bench("bench_quality.py", tmp_path, *extra), "quality")
+    r = data["reviews"]
+    assert "--lr" not in r["command"] and "{sentence}" in r["command"]
+    for m in ("ptedge_fp32", "ptedge_int8", "peft", "linear_probe"):
+        assert 0 <= r[m]["accuracy"] <= 1, m
+    assert r["ptedge_run"]["dev_split"]["source"] == "carved"
+    assert "| reviews (n=40)" in md and "lama" not in data

@@ -35,6 +35,12 @@ Each task also reports the expected calibration error (15 bins) of the bundle's 
 probabilities on its test split, before (softmax of the raw scores) and after the
 temperature fitted at export.
 
+- **your own data** (`--data DIR`): a classification folder holding `train`, `test` and
+  optionally `dev` files (`.csv`, `.tsv`, `.jsonl` or `.json`), run exactly as the MiniLM
+  tasks above: the README's command with `--field` (default `text`) in the template and
+  `--label-field` (default `label`), beside PEFT and the probe at the budget ptedge
+  chooses. Its report goes to `runs/bench/quality-NAME/` unless `--out` says otherwise.
+
 Run folders, bundles and baseline results are kept under `--work` and reused while their
 parameters hold (`--fresh` rebuilds). A `--tasks` subset run keeps the other tasks'
 results already in `--out`'s quality.json (same mode).
@@ -42,6 +48,7 @@ results already in `--out`'s quality.json (same mode).
     python tools/bench_quality.py                    # full run (docs/results/quality.md)
     python tools/bench_quality.py --quick            # smoke-test sizes
     python tools/bench_quality.py --tasks lama --relations P37,P30
+    python tools/bench_quality.py --data ~/my_intents --field utterance --label-field intent
 
 Writes quality.json, quality.md and quality.png to `--out`.
 """
@@ -112,6 +119,34 @@ CLINC_PAPER = {
 }
 TASKS = ("banking77", "clinc150", "sst2-minilm", "sst2", "lama")
 PROBE_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def data_task(folder: Path, field: str, label: str) -> tuple[str, dict]:
+    """A task spec (as ``MINILM_TASKS``'s) for a user's folder of train/dev/test files.
+
+    ``dev`` is optional (ptedge then carves one, as for BANKING77); ``train`` and ``test``
+    are required, one file each. Exits with a one-line message naming the folder otherwise.
+    """
+    folder = folder.expanduser().resolve()
+    if not folder.is_dir():
+        sys.exit(f"--data {folder}: not a folder")
+    name = folder.name
+    if name in TASKS:
+        sys.exit(f"--data {folder}: its name {name!r} is one of the built-in tasks; rename it")
+    spec: dict = {"dir": str(folder), "field": field, "label": label, "goal": None}
+    for split in ("train", "dev", "test"):
+        found = [
+            folder / f"{split}{x}" for x in DATA_SUFFIXES if (folder / f"{split}{x}").is_file()
+        ]
+        if len(found) > 1:
+            sys.exit(f"--data {folder}: several {split} files ({', '.join(p.name for p in found)})")
+        if not found and split != "dev":
+            want = ", ".join(split + x for x in DATA_SUFFIXES)
+            sys.exit(f"--data {folder}: no {split} file (looked for {want})")
+        spec[split] = found[0].name if found else None
+    return name, spec
+
 
 FULL = {
     "minilm_steps": None,  # none: ptedge's default budget (batch size and step rule)
@@ -988,7 +1023,7 @@ def chart(result: dict, path: Path) -> None:
         "peft": "tab:red",
         "linear_probe": "tab:orange",
     }
-    groups = [t for t in TASKS if t in result and t != "lama"]
+    groups = [t for t in (*MINILM_TASKS, "sst2") if t in result]
     cols = ["manual", "ptedge_fp32", "ptedge_int8", "peft", "linear_probe"]
     fig, ax = plt.subplots(figsize=(2.2 * max(2, len(groups) + 1), 4.2))
     x = np.arange(len(groups) + ("lama" in result))
@@ -1034,7 +1069,21 @@ def main(argv: list[str] | None = None) -> None:
         + ",".join(QUICK_RELATIONS)
         + ")",
     )
-    ap.add_argument("--out", default="docs/results", help="folder for quality.json/.md/.png")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        help="your own classification folder (train, test, optional dev files): run it as "
+        "the MiniLM tasks instead of --tasks",
+    )
+    ap.add_argument("--field", default="text", help="--data: the text field (default text)")
+    ap.add_argument(
+        "--label-field", default="label", help="--data: the label field (default label)"
+    )
+    ap.add_argument(
+        "--out",
+        help="folder for quality.json/.md/.png (default docs/results; with --data, "
+        "runs/bench/quality-NAME)",
+    )
     ap.add_argument("--work", help="runs, bundles, baselines (default runs/bench/quality[-quick])")
     ap.add_argument("--fresh", action="store_true", help="rebuild every artifact")
     ap.add_argument(
@@ -1047,6 +1096,13 @@ def main(argv: list[str] | None = None) -> None:
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         sys.exit(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
+    if a.data is not None:
+        name, spec = data_task(a.data, a.field, a.label_field)
+        MINILM_TASKS[name] = spec
+        tasks = [name]
+    out = Path(
+        a.out or (bc.ROOT / "runs" / "bench" / f"quality-{tasks[0]}" if a.data else "docs/results")
+    )
     cfg = QUICK if a.quick else FULL
     if a.relations == "all":
         relations = sorted(p.stem for p in (bc.need_data("trex") / "test").glob("P*.jsonl"))
@@ -1062,7 +1118,9 @@ def main(argv: list[str] | None = None) -> None:
     times: dict = {}
     bench = Bench(cfg, bc.Cache(work, fresh=a.fresh), times, a.threads)
     cmd = "python tools/bench_quality.py" + (" --quick" if a.quick else "")
-    if a.tasks != ",".join(TASKS):
+    if a.data is not None:
+        cmd += f" --data {a.data} --field {a.field} --label-field {a.label_field}"
+    elif a.tasks != ",".join(TASKS):
         cmd += f" --tasks {a.tasks}"
     if a.relations:
         cmd += f" --relations {a.relations}"
@@ -1076,8 +1134,8 @@ def main(argv: list[str] | None = None) -> None:
         "settings": cfg,
         "timings": times,
     }
-    for t in TASKS:
-        if t not in tasks:
+    for t in [*TASKS, *MINILM_TASKS]:
+        if t not in tasks or t in result:
             continue
         t0 = time.perf_counter()
         if t == "lama":
@@ -1091,7 +1149,6 @@ def main(argv: list[str] | None = None) -> None:
     result["machine"]["load_avg_at_end"] = list(os.getloadavg())
     result["machine"]["others_cpu_share"] = bc.others_cpu_share(cpu0)
     result["reused"] = bench.cache.reused
-    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     merge_earlier(result, out / "quality.json", tasks)
     bc.write_report(out, "quality", result, markdown(result))
