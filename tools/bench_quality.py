@@ -901,14 +901,15 @@ def markdown(result: dict) -> str:
             "",
         ]
         lines += [f"- {t}: `{result[t]['command']}`" for t in enc]
-        chosen = result[enc[0]]["ptedge_run"]["defaults"]
-        lines += [
-            "",
-            "Chosen by ptedge (recorded in each run's ptedge.json): "
-            + "; ".join(f"{k} = {v['value']} ({v['why']})" for k, v in chosen.items())
-            + ".",
-            "",
-        ]
+        lines += ["", "Chosen by ptedge for each task (recorded in its run's ptedge.json):", ""]
+        for t in enc:
+            chosen = result[t]["ptedge_run"]["defaults"]
+            lines.append(
+                f"- {t}: "
+                + "; ".join(f"{k} = {v['value']} ({v['why']})" for k, v in chosen.items())
+                + "."
+            )
+        lines.append("")
     clinc = result.get("clinc150")
     if clinc and "ptedge_int8_oos" in clinc:
         i8, oos = clinc["ptedge_int8"], clinc["ptedge_int8_oos"]
