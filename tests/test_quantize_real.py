@@ -1,5 +1,5 @@
 """Quantized BANKING77 bundles on the real MiniLM backbone give a record the same answer
-in any batch and from any thread (slow: trains and exports once per module).
+in any batch and from any thread (slow: uses the session's BANKING77 run, exports int4).
 
 400 real test sentences: labels identical and scores within 1e-5 at batch sizes 1, 7 and
 32; eight threads sharing one Predictor with batches of 7 agree with serial calls. The
@@ -9,15 +9,12 @@ sizes 1 and 32; 192 of 4,800 threaded predictions disagreed with serial ones).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_data
+from conftest import run_cli, shared_data
 
 pytestmark = pytest.mark.slow
 
@@ -25,55 +22,20 @@ N_RECORDS = 400
 TOL = 1e-5
 
 
-def _cli(*args: str) -> None:
-    """``ptedge ARGS`` in a fresh interpreter, one thread (a busy 2-core machine)."""
-    cmd = [sys.executable, "-c", "from ptedge.cli import main; main()", *args]
-    env = {"OMP_NUM_THREADS": "1"} | dict(os.environ)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        pytest.fail(f"ptedge {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def banking77_run(tmp_path_factory) -> Path:
-    """A MiniLM BANKING77 run (the benchmarks' template, 150 steps x 32). Read-only."""
-    pytest.importorskip("torch")
-    from ptedge.backbones import fetch
-
-    run = tmp_path_factory.mktemp("b77q") / "banking77"
-    _cli(
-        "train",
-        "--model",
-        str(fetch("minilm-l6")),
-        "--train",
-        str(shared_data("banking77", "train.csv")),
-        "--template",
-        "[P:3] {text} [P:3] [MASK]",
-        "--label-field",
-        "category",
-        "--head",
-        "linear",
-        "--steps",
-        "150",
-        "--batch-size",
-        "32",
-        "--out",
-        str(run),
-    )
-    return run
-
-
 @pytest.fixture(scope="module", params=["int8", "int4"])
 def quantized_bundle(request, banking77_run) -> Path:
-    """The run exported by ``ptedge export --quantize int8|int4`` (defaults). Read-only.
+    """The session's 150-step BANKING77 run (``tests/conftest.py``) exported by ``ptedge
+    export --quantize int8|int4`` (defaults); int8 is the session's shared bundle. Read-only.
 
     int4 is written whatever its guard says: this module tests that answers do not depend
     on the batch or the thread, not accuracy (the 150-step run's refitted head loses 1.2
     dev points at int4, past the default 1-point limit; int8 stays under its guard).
     """
-    bundle = banking77_run.parent / f"bundle-{request.param}"
-    lenient = ["--allow-accuracy-drop"] if request.param == "int4" else []
-    _cli("export", str(banking77_run), "--out", str(bundle), "--quantize", request.param, *lenient)
+    if request.param == "int8":
+        return request.getfixturevalue("banking77_int8_bundle")
+    bundle = banking77_run.parent / "bundle-int4"
+    run_cli("export", str(banking77_run), "--out", str(bundle), "--quantize", "int4",
+            "--allow-accuracy-drop")  # fmt: skip
     return bundle
 
 
