@@ -1097,7 +1097,10 @@ def main(argv: list[str] | None = None) -> None:
     bad = [t for t in tasks if t not in TASKS]
     if bad:
         sys.exit(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
+    tasks = [t for t in TASKS if t in tasks]  # run in TASKS' order
     if a.data is not None:
+        if a.tasks != ",".join(TASKS):
+            sys.exit("--data runs one folder in place of the built-in tasks: drop --tasks")
         name, spec = data_task(a.data, a.field, a.label_field)
         MINILM_TASKS[name] = spec
         tasks = [name]
@@ -1135,9 +1138,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": cfg,
         "timings": times,
     }
-    for t in [*TASKS, *MINILM_TASKS]:
-        if t not in tasks or t in result:
-            continue
+    for t in tasks:
         t0 = time.perf_counter()
         if t == "lama":
             result[t] = bench.lama(relations)
