@@ -388,7 +388,7 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         steps = math.ceil(math.ceil(len(examples) / args.batch_size) * args.epochs)
     else:
         n_labels = len(labels) if head == "linear" else None
-        chosen["steps"] = defaults.steps(len(examples), args.batch_size, n_labels)
+        chosen["steps"] = defaults.steps(len(examples), args.batch_size, n_labels, head)
         steps = chosen["steps"].value
     head_dev = None  # dev (record, label index) pairs that judge the head's fits
     if head == "linear" and args.head_lr is None and dev_eval is not None and steps > 0:

@@ -72,6 +72,17 @@ def test_a_linear_head_sees_enough_records_per_label():
     assert defaults.steps(640, 32, n_labels=3).value == defaults.STEPS_MIN
 
 
+def test_a_vocabulary_head_trains_the_same_budget_whatever_the_data_size():
+    """The LM head learns only the prompt: SST-2's 60,614 sentences get 300 steps, as a
+    LAMA relation's 600 facts do, where the linear head's epoch rule would give 1000."""
+    for head in ("lm", "generate"):
+        for n in (600, 60_614):
+            chosen = defaults.steps(n, 16, head=head)
+            assert chosen.value == defaults.VOCAB_STEPS == 300
+            assert "vocabulary" in chosen.why
+    assert defaults.steps(60_614, 16).value == defaults.STEPS_MAX
+
+
 def test_default_batch_size_depends_on_the_head(tiny, intents, tmp_path):
     cfg = _train(tiny, intents, tmp_path / "lin", batch_size=None)
     assert cfg.batch_size == defaults.LINEAR_BATCH == 32
@@ -217,3 +228,21 @@ def test_the_shipped_candidate_of_bench_defaults_is_what_ptedge_chooses():
     assert given["--pool"] == defaults.pool("/nonexistent").value
     assert float(given["--head-lr"]) == defaults.head_lr(3e-3).value
     assert given["--prompt-init"] == defaults.prompt_init(causal=False).value
+
+
+def test_bench_lm_steps_compares_the_shipped_vocabulary_budget_with_the_epoch_rule():
+    """tools/bench_lm_steps.py measures the two budgets SST-2 gets under the two rules."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_lm_steps as bl
+
+    budgets = [int(flags[flags.index("--steps") + 1]) for flags in bl.CANDIDATES.values()]
+    sst2_train = 60_614
+    assert budgets == [
+        defaults.steps(sst2_train, bl.BATCH).value,  # the epoch rule, capped
+        defaults.steps(sst2_train, bl.BATCH, head="lm").value,
+    ]
+    assert bl.BATCH == defaults.LM_BATCH

@@ -1,0 +1,133 @@
+"""How many steps the LM head trains by default on a large training set: two budgets on
+SST-2's dev split.
+
+The LM head reads the answer from the backbone's own vocabulary (a verbalizer's label
+words), so only the prompt is learned. The question is the cap on the default budget:
+one epoch within [300, 1000] steps (the rule shared with the linear head) reaches 1000
+steps on SST-2's 60,614 sentences, against 300. The LAMA relations (under 800 facts each)
+get 300 steps under either rule, so SST-2 is the one shared LM-head task that can tell
+them apart; there is no leave-one-task-out here.
+
+SmolLM2-135M, batch 16, ptedge's defaults otherwise, the quality benchmark's template and
+verbalizer. SST-2's dev split is shuffled (seed 0) into A (500 records, given as
+``--dev``: they pick the kept step) and B (the next 2,000: they score the candidate).
+Test splits are never read. Runs execute one thread each, ``--workers`` at a time;
+finished candidates are kept under ``--work`` and not rerun.
+
+    python tools/bench_lm_steps.py     # writes docs/results/lm_steps.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import _bench_common as bc
+import bench_defaults
+
+# name -> flags; the first is what one epoch within [300, 1000] gives SST-2
+CANDIDATES = {
+    "1000 steps (one epoch, capped)": ["--steps", "1000"],
+    "300 steps": ["--steps", "300"],
+}
+BATCH = 16  # ptedge.defaults.LM_BATCH
+
+
+def run_one(work: Path, model: Path, name: str) -> dict:
+    """Train one candidate on SST-2, score it on dev B; cached as results/*.json."""
+    files = bench_defaults.splits(work, "sst2")
+    tag = "sst2__" + CANDIDATES[name][1]
+    res_file = work / "results" / f"{tag}.json"
+    if res_file.is_file():
+        return json.loads(res_file.read_text())
+    run = work / "runs" / tag
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "ptedge.cli", "train", "--model", str(model)]
+    cmd += ["--train", str(files["train"]), "--dev", str(files["A"])]
+    cmd += ["--template", bc.SST2_TEMPLATE, "--verbalizer", json.dumps(bc.SST2_VERBALIZER)]
+    cmd += [*CANDIDATES[name], "--force", "--out", str(run)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=bc.ROOT)
+    t1 = time.perf_counter()
+    ev = subprocess.run(
+        [sys.executable, "-m", "ptedge.cli", "eval", str(run), "--data", str(files["B"])],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=bc.ROOT,
+    )
+    meta = json.loads((run / "ptedge.json").read_text())
+    result = {
+        "candidate": name,
+        "flags": CANDIDATES[name],
+        "devB": json.loads(ev.stdout.strip().splitlines()[-1]),
+        "best": meta["best"],
+        "defaults": meta.get("defaults"),
+        "train_s": round(t1 - t0, 1),
+    }
+    res_file.parent.mkdir(parents=True, exist_ok=True)
+    res_file.write_text(json.dumps(result) + "\n")
+    bc.log(f"sst2 / {name}: dev B {result['devB']['accuracy']:.4f} ({result['train_s']} s)")
+    return result
+
+
+def markdown(result: dict) -> str:
+    f = bc.fmt
+    lines = [
+        "# The LM head's default budget on a large training set (SST-2 dev only)",
+        "",
+        f"Machine: {bc.machine_line(result['machine'])}. `{result['command']}`, "
+        f"{result['wall_s'] / 60:.0f} min (candidates already under --work reused).",
+        "",
+        f"SmolLM2-135M, LM head, `{bc.SST2_TEMPLATE!r}` with the verbalizer "
+        f"{bc.SST2_VERBALIZER}, batch {BATCH}, ptedge's defaults otherwise; dev A (500 of "
+        "dev.tsv, seed 0) picks the kept step, dev B (the next 2,000) scores it. One thread "
+        "a run, two runs at once.",
+        "",
+        "| candidate | dev B accuracy | its standard error | kept step (dev A) | training (s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in result["runs"]:
+        acc, n = r["devB"]["accuracy"], r["devB"]["n"]
+        se = (acc * (1 - acc) / n) ** 0.5
+        lines.append(
+            f"| {r['candidate']} | {f(acc)} (n={n}) | {f(se)} | {r['best']['step']} "
+            f"({f(r['best']['dev_accuracy'])}) | {r['train_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ptedge.backbones import fetch
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default=str(bc.ROOT / "runs" / "bench" / "lm_steps"))
+    ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    work, model = Path(a.work), fetch("smollm2-135m", quiet=True)
+    bench_defaults.splits(work, "sst2")
+    with ThreadPoolExecutor(a.workers) as pool:
+        runs = list(pool.map(lambda c: run_one(work, model, c), CANDIDATES))
+    result = {
+        "benchmark": "lm_steps",
+        "command": "python tools/bench_lm_steps.py",
+        "machine": bc.machine(),
+        "candidates": CANDIDATES,
+        "runs": runs,
+        "wall_s": time.perf_counter() - t0,
+    }
+    bc.write_report(Path(a.out), "lm_steps", result, markdown(result))
+    bc.log(f"wrote {Path(a.out) / 'lm_steps.json'} and lm_steps.md")
+
+
+if __name__ == "__main__":
+    main()
