@@ -129,6 +129,27 @@ def splits(work: Path, task: str) -> dict[str, Path]:
     return files
 
 
+def train_and_score(train_flags: list[str], run: Path, data: Path) -> tuple[float, dict]:
+    """``ptedge train TRAIN_FLAGS`` (writing ``run``), then ``ptedge eval run --data DATA``,
+    one thread each: (training seconds, the eval's JSON)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cli = [sys.executable, "-m", "ptedge.cli"]
+    t0 = time.perf_counter()
+    subprocess.run(
+        [*cli, "train", *train_flags], check=True, capture_output=True, env=env, cwd=bc.ROOT
+    )
+    train_s = round(time.perf_counter() - t0, 1)
+    ev = subprocess.run(
+        [*cli, "eval", str(run), "--data", str(data)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=bc.ROOT,
+    )
+    return train_s, json.loads(ev.stdout.strip().splitlines()[-1])
+
+
 def run_one(work: Path, task: str, name: str, flags: list[str], seed: int) -> dict:
     """Train one candidate on one task, score it on B; cached as results/*.json."""
     tag = f"{task}__{name.split(' (')[0].replace(', ', '-').replace(' ', '')}__s{seed}"
@@ -137,8 +158,7 @@ def run_one(work: Path, task: str, name: str, flags: list[str], seed: int) -> di
         return json.loads(res_file.read_text())
     spec, files = TASKS[task], splits(work, task)
     run = work / "runs" / tag
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "ptedge.cli", "train", "--model", str(_model())]
+    cmd = ["--model", str(_model())]
     cmd += [
         "--train",
         str(files["train"]),
@@ -149,25 +169,15 @@ def run_one(work: Path, task: str, name: str, flags: list[str], seed: int) -> di
     ]
     cmd += ["--template", f"[P:3] {{{spec['field']}}} [P:3] [MASK]", "--head", "linear"]
     cmd += [*BUDGET, "--seed", str(seed), *flags, "--force", "--out", str(run)]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=bc.ROOT)
-    t1 = time.perf_counter()
-    ev = subprocess.run(
-        [sys.executable, "-m", "ptedge.cli", "eval", str(run), "--data", str(files["B"])],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=bc.ROOT,
-    )
+    train_s, dev_b = train_and_score(cmd, run, files["B"])
     result = {
         "task": task,
         "candidate": name,
         "seed": seed,
         "flags": flags,
-        "devB": json.loads(ev.stdout.strip().splitlines()[-1]),
+        "devB": dev_b,
         "best": json.loads((run / "ptedge.json").read_text())["best"],
-        "train_s": round(t1 - t0, 1),
+        "train_s": train_s,
     }
     res_file.parent.mkdir(parents=True, exist_ok=True)
     res_file.write_text(json.dumps(result) + "\n")

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,30 +44,18 @@ def run_one(work: Path, model: Path, name: str) -> dict:
     if res_file.is_file():
         return json.loads(res_file.read_text())
     run = work / "runs" / tag
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "ptedge.cli", "train", "--model", str(model)]
-    cmd += ["--train", str(files["train"]), "--dev", str(files["A"])]
+    cmd = ["--model", str(model), "--train", str(files["train"]), "--dev", str(files["A"])]
     cmd += ["--template", bc.SST2_TEMPLATE, "--verbalizer", json.dumps(bc.SST2_VERBALIZER)]
     cmd += [*CANDIDATES[name], "--force", "--out", str(run)]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=bc.ROOT)
-    t1 = time.perf_counter()
-    ev = subprocess.run(
-        [sys.executable, "-m", "ptedge.cli", "eval", str(run), "--data", str(files["B"])],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=bc.ROOT,
-    )
+    train_s, dev_b = bench_defaults.train_and_score(cmd, run, files["B"])
     meta = json.loads((run / "ptedge.json").read_text())
     result = {
         "candidate": name,
         "flags": CANDIDATES[name],
-        "devB": json.loads(ev.stdout.strip().splitlines()[-1]),
+        "devB": dev_b,
         "best": meta["best"],
         "defaults": meta.get("defaults"),
-        "train_s": round(t1 - t0, 1),
+        "train_s": train_s,
     }
     res_file.parent.mkdir(parents=True, exist_ok=True)
     res_file.write_text(json.dumps(result) + "\n")
