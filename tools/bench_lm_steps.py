@@ -28,12 +28,14 @@ from pathlib import Path
 import _bench_common as bc
 import bench_defaults
 
+from ptedge import defaults
+
 # name -> flags; the first is what one epoch within [300, 1000] gives SST-2
 CANDIDATES = {
     "1000 steps (one epoch, capped)": ["--steps", "1000"],
     "300 steps": ["--steps", "300"],
 }
-BATCH = 16  # ptedge.defaults.LM_BATCH
+BATCH = defaults.LM_BATCH  # what the candidates train at, by ptedge's default
 
 
 def run_one(work: Path, model: Path, name: str) -> dict:
