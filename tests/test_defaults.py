@@ -72,6 +72,24 @@ def test_a_linear_head_sees_enough_records_per_label():
     assert defaults.steps(640, 32, n_labels=3).value == defaults.STEPS_MIN
 
 
+def test_bench_small_steps_compares_the_shipped_rule_with_the_floor():
+    """tools/bench_small_steps.py's first candidate is what ptedge's rule gives its small
+    sets (after the 10% dev carve); the second is the 300-step floor."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_small_steps as bs
+
+    (_, rule), (_, floor) = bs.CANDIDATES.values()
+    for labels in (77, 150):
+        n = round(bs.PER_LABEL * labels * (1 - defaults.DEV_FRACTION))
+        shipped = defaults.steps(n, defaults.LINEAR_BATCH, n_labels=labels).value
+        assert rule(labels) == shipped > defaults.STEPS_MIN
+        assert floor(labels) == defaults.STEPS_MIN
+
+
 def test_a_vocabulary_head_trains_the_same_budget_whatever_the_data_size():
     """The LM head learns only the prompt: SST-2's 60,614 sentences get 300 steps, as a
     LAMA relation's 600 facts do, where the linear head's epoch rule would give 1000."""
