@@ -248,12 +248,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default=str(bc.ROOT / "runs" / "bench" / "defaults"))
+def study_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The options every study of training candidates takes: ``--work`` (runs and cached
+    results, default runs/bench/NAME), ``--out`` (its report) and ``--workers``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--work", default=str(bc.ROOT / "runs" / "bench" / name))
     ap.add_argument("--out", default="docs/results")
-    ap.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     ap.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = study_parser(__doc__, "defaults")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     work = Path(a.work)

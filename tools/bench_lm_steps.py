@@ -19,7 +19,6 @@ finished candidates are kept under ``--work`` and not rerun.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -109,11 +108,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     from ptedge.backbones import fetch
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default=str(bc.ROOT / "runs" / "bench" / "lm_steps"))
-    ap.add_argument("--out", default="docs/results")
-    ap.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each")
-    a = ap.parse_args(argv)
+    a = bench_defaults.study_parser(__doc__, "lm_steps").parse_args(argv)
     t0 = time.perf_counter()
     work, model = Path(a.work), fetch("smollm2-135m", quiet=True)
     bench_defaults.splits(work, "sst2")

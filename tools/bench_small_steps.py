@@ -1,5 +1,6 @@
-"""How many steps the linear head trains by default on a small training set: ptedge's
-rule (250 records per label) against the 300-step floor, on records no run saw.
+"""How many steps the linear head trains by default on small training sets.
+
+ptedge's rule (250 records per label) against the 300-step floor, on records no run saw.
 
 The linear head's default budget sees 250 records per label (``ptedge.defaults.steps``).
 On a full training file that is about two epochs (BANKING77 602 steps, CLINC150 the
@@ -24,7 +25,6 @@ same records, the carved dev split and the rule's budget. Runs execute one threa
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import random
@@ -228,11 +228,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     from ptedge.backbones import fetch
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default=str(bc.ROOT / "runs" / "bench" / "small_steps"))
-    ap.add_argument("--out", default="docs/results")
-    ap.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each")
-    a = ap.parse_args(argv)
+    a = bench_defaults.study_parser(__doc__, "small_steps").parse_args(argv)
     t0 = time.perf_counter()
     work, model = Path(a.work), fetch("minilm-l6", quiet=True)
     # the longest runs (the rule's budget, CLINC150's first) start first
