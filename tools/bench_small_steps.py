@@ -25,7 +25,6 @@ same records, the carved dev split and the rule's budget. Runs execute one threa
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import time
@@ -52,32 +51,12 @@ SETS = {
 DRAWS = (("banking77", 1), ("banking77", 2), ("banking77", 3), ("clinc150", 1), ("clinc150", 2))
 
 
-def per_label_steps(n_labels: int) -> int:
-    """What ptedge's rule gives these sets: 250 records per label (``defaults.PER_LABEL``)
-    at batch 32, within [STEPS_MIN, STEPS_MAX] (one epoch is fewer steps here)."""
-    want = -(-defaults.PER_LABEL * n_labels // defaults.LINEAR_BATCH)
-    return min(max(want, defaults.STEPS_MIN), defaults.STEPS_MAX)
-
-
-# name -> (cache tag, steps for a set of n labels); the first is ptedge's rule
+BATCH = defaults.LINEAR_BATCH  # what the candidates train at, by ptedge's default
+# name -> (cache tag, steps for n training records of n labels); the first is ptedge's rule
 CANDIDATES = {
-    "250 per label": ("rule", per_label_steps),
-    "300 steps": ("300steps", lambda n_labels: defaults.STEPS_MIN),
+    "250 per label": ("rule", lambda n, labels: defaults.steps(n, BATCH, labels).value),
+    "300 steps": ("300steps", lambda n, labels: defaults.STEPS_MIN),
 }
-
-
-def _rows(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def _write(path: Path, rows: list[dict], fields: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fields)
-        w.writeheader()
-        w.writerows({k: r[k] for k in fields} for r in rows)
-    return path
 
 
 def small_set(work: Path, name: str, seed: int) -> dict[str, Path]:
@@ -91,16 +70,24 @@ def small_set(work: Path, name: str, seed: int) -> dict[str, Path]:
     src = bc.need_data(data)
     rng = random.Random(seed)
     by_label: dict[str, list] = defaultdict(list)
-    for r in _rows(src / "train.csv"):
+    for r in read_records(str(src / "train.csv")):
         by_label[r[label]].append(r)
     train = [r for k in sorted(by_label) for r in rng.sample(by_label[k], PER_LABEL)]
     rng.shuffle(train)
     taken = {(r["text"], r[label]) for r in train}
-    pool = [r for r in _rows(src / held_file) if (r["text"], r[label]) not in taken]
+    pool = [r for r in read_records(str(src / held_file)) if (r["text"], r[label]) not in taken]
     held = rng.sample(pool, min(HELD_OUT, len(pool)))
-    _write(files["train"], train, ["text", label])
-    _write(files["heldout"], held, ["text", label])
+    bc.write_records(files["train"], train, ["text", label])
+    bc.write_records(files["heldout"], held, ["text", label])
     return files
+
+
+def carved(files: dict[str, Path], label: str) -> tuple[list[dict], list[int], list[int]]:
+    """The small set's training records, and which of them ptedge trains on and which it
+    carves as dev (``ptedge.defaults.carve_dev``, as ``ptedge train`` does without --dev)."""
+    recs = read_records(str(files["train"]))
+    keep, held = carve_dev(len(recs), bench_quality.SEED, [r[label] for r in recs])
+    return recs, keep, held
 
 
 def run_one(work: Path, model: Path, name: str, seed: int, candidate: str) -> dict:
@@ -111,7 +98,8 @@ def run_one(work: Path, model: Path, name: str, seed: int, candidate: str) -> di
     if res_file.is_file():
         return json.loads(res_file.read_text()) | {"candidate": candidate}
     files, label = small_set(work, name, seed), SETS[name][1]
-    flags = ["--steps", str(budget(len({r[label] for r in _rows(files["train"])})))]
+    recs, keep, _ = carved(files, label)
+    flags = ["--steps", str(budget(len(keep), len({r[label] for r in recs})))]
     run = work / "runs" / tag
     cmd = ["--model", str(model), "--train", str(files["train"])]
     cmd += ["--template", "[P:3] {text} [P:3] [MASK]", "--label-field", label]
@@ -123,7 +111,7 @@ def run_one(work: Path, model: Path, name: str, seed: int, candidate: str) -> di
         "seed": seed,
         "candidate": candidate,
         "flags": flags,
-        "train_records": sum(1 for _ in _rows(files["train"])),
+        "train_records": len(recs),
         "heldout": held,
         "steps": meta["steps"],
         "best": meta["best"],
@@ -144,8 +132,7 @@ def probe(work: Path, model: Path, name: str, seed: int, rule: dict) -> dict:
     if res_file.is_file():
         return json.loads(res_file.read_text())
     files, label = small_set(work, name, seed), SETS[name][1]
-    recs = read_records(str(files["train"]))
-    keep, held = carve_dev(len(recs), bench_quality.SEED, [r[label] for r in recs])
+    recs, keep, held = carved(files, label)
     index = {lab: i for i, lab in enumerate(sorted({r[label] for r in recs}))}
 
     def pairs(rows):
@@ -159,7 +146,7 @@ def probe(work: Path, model: Path, name: str, seed: int, rule: dict) -> dict:
         pairs(read_records(str(files["heldout"]))),
         len(index),
         rule["steps"],
-        defaults.LINEAR_BATCH,
+        BATCH,
     )
     result |= {"set": name, "seed": seed, "steps": rule["steps"]}
     res_file.write_text(json.dumps(result) + "\n")
@@ -191,7 +178,7 @@ def markdown(result: dict) -> str:
         result["runs"], key=lambda r: (order[(r["set"], r["seed"])], names.index(r["candidate"]))
     ):
         n_train = r["train_records"] * 0.9  # what remains after the carved dev split
-        epochs = r["steps"] * defaults.LINEAR_BATCH / n_train
+        epochs = r["steps"] * BATCH / n_train
         lines.append(
             f"| {r['set']} seed {r['seed']} ({r['train_records']}) | {r['candidate']} | "
             f"{r['steps']} ({epochs:.1f}) | {f(r['heldout']['accuracy'])} | {r['best']['step']} "
