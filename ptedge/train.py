@@ -15,6 +15,8 @@ Not responsible for: argument parsing (``ptedge.cli``), export (``ptedge.export`
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import os
@@ -22,6 +24,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -206,16 +209,32 @@ def _prepare_out(out: Path, force: bool, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _distributed(device: str) -> tuple[int, int]:
-    """(rank, world size); joins the process group under torchrun or accelerate launch."""
+@contextlib.contextmanager
+def _distributed(device: str) -> Iterator[tuple[int, int]]:
+    """(rank, world size) while inside; joins the process group under torchrun or
+    accelerate launch, and leaves it on the way out.
+
+    A group this joined is destroyed before the process ends: a rank that exits with
+    gloo's worker threads still alive can abort in interpreter shutdown ("terminate called
+    without an active exception"), which the launcher reports as a failed run. No barrier
+    first: the ranks other than 0 leave right after the last step, while rank 0 may spend
+    longer than the group's timeout writing the run. A group the caller had joined is
+    left to it.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1
+        yield 0, 1
+        return
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    own = not dist.is_initialized()
+    if own:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world
+    try:
+        yield dist.get_rank(), world
+    finally:
+        if own:
+            dist.destroy_process_group()
 
 
 def _device(name: str) -> str:
@@ -360,67 +379,72 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     device = _device(args.device)
-    rank, world = _distributed(device)
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must divide among {world} processes")
-    model, tok, compiled, _ = build_for_run(cfg, backbone)
-    if chosen["prompt_init"].value == "pad":
-        model.encoder.start_at(emb[pad_id(backbone)].detach())
-    model.backbone.to(device=device, dtype=DTYPES[args.dtype])
-    model.to(device)
-    job = Job(cfg, model, tok, compiled, device)
-    targets = job.targets(train_recs)
-    examples = [(r, t) for r, t in zip(train_recs, targets, strict=True) if t is not None]
-    if not examples:
-        raise ValueError(f"{args.train}: no usable training records (labels not single tokens?)")
-    dev_eval = _subsample(dev_recs, DEV_MAX, args.seed) if dev_recs is not None else None
-    if dev_eval is not None:
-        job.targets(dev_eval)  # unknown dev labels fail now, not after training
+    with _distributed(device) as (rank, world):
+        if args.batch_size % world:
+            raise ValueError(f"--batch-size {args.batch_size} must divide among {world} processes")
+        model, tok, compiled, _ = build_for_run(cfg, backbone)
+        if chosen["prompt_init"].value == "pad":
+            model.encoder.start_at(emb[pad_id(backbone)].detach())
+        model.backbone.to(device=device, dtype=DTYPES[args.dtype])
+        model.to(device)
+        job = Job(cfg, model, tok, compiled, device)
+        targets = job.targets(train_recs)
+        examples = [(r, t) for r, t in zip(train_recs, targets, strict=True) if t is not None]
+        if not examples:
+            raise ValueError(
+                f"{args.train}: no usable training records (labels not single tokens?)"
+            )
+        dev_eval = _subsample(dev_recs, DEV_MAX, args.seed) if dev_recs is not None else None
+        if dev_eval is not None:
+            job.targets(dev_eval)  # unknown dev labels fail now, not after training
 
-    if args.steps != 0 and cfg.n_pseudo == 0 and head != "linear":
-        raise ValueError(
-            "the template has no [P] tokens, so there is nothing to train; "
-            "use --steps 0 to measure it as a manual-prompt baseline"
-        )
-    if args.steps is not None:
-        steps = args.steps
-    elif args.epochs is not None:
-        steps = math.ceil(math.ceil(len(examples) / args.batch_size) * args.epochs)
-    else:
-        n_labels = len(labels) if head == "linear" else None
-        chosen["steps"] = defaults.steps(len(examples), args.batch_size, n_labels, head)
-        steps = chosen["steps"].value
-    head_dev = None  # dev (record, label index) pairs that judge the head's fits
-    if head == "linear" and args.head_lr is None and dev_eval is not None and steps > 0:
-        head_dev = _head_dev(job, dev_recs, args.seed)
-        chosen["head_lr"] = _start_head(job, examples, head_dev, steps, args, progress)
-        cfg.head_lr = chosen["head_lr"].value
-    cfg.defaults = {k: c.as_dict() for k, c in chosen.items()}
-    out = Path(args.out)
-    if rank == 0:
-        _prepare_out(out, args.force, args.resume)
-        if dev_split["source"] == "carved":
-            write_jsonl(out / DEV_FILE, dev_recs)
-        if progress:
-            _say_choices(chosen, dev_split, args)
-    cfg.steps = steps
-    best_state = _fit(job, examples, steps, args, dev_eval, out, progress, (rank, world))
-    if rank != 0:
+        if args.steps != 0 and cfg.n_pseudo == 0 and head != "linear":
+            raise ValueError(
+                "the template has no [P] tokens, so there is nothing to train; "
+                "use --steps 0 to measure it as a manual-prompt baseline"
+            )
+        if args.steps is not None:
+            steps = args.steps
+        elif args.epochs is not None:
+            steps = math.ceil(math.ceil(len(examples) / args.batch_size) * args.epochs)
+        else:
+            n_labels = len(labels) if head == "linear" else None
+            chosen["steps"] = defaults.steps(len(examples), args.batch_size, n_labels, head)
+            steps = chosen["steps"].value
+        head_dev = None  # dev (record, label index) pairs that judge the head's fits
+        if head == "linear" and args.head_lr is None and dev_eval is not None and steps > 0:
+            head_dev = _head_dev(job, dev_recs, args.seed)
+            chosen["head_lr"] = _start_head(job, examples, head_dev, steps, args, progress)
+            cfg.head_lr = chosen["head_lr"].value
+        cfg.defaults = {k: c.as_dict() for k, c in chosen.items()}
+        out = Path(args.out)
+        if rank == 0:
+            _prepare_out(out, args.force, args.resume)
+            if dev_split["source"] == "carved":
+                write_jsonl(out / DEV_FILE, dev_recs)
+            if progress:
+                _say_choices(chosen, dev_split, args)
+        cfg.steps = steps
+        best_state = _fit(job, examples, steps, args, dev_eval, out, progress, (rank, world))
+        if rank != 0:
+            return cfg
+        if best_state is not None:
+            model.load_trainable_state(best_state["weights"])
+            # the kept step's dev metrics, and the best dev accuracy of any evaluated step
+            cfg.best = best_state["metrics"] | {"top_dev_accuracy": best_state["top"]}
+        elif dev_eval is not None:
+            cfg.best = {
+                "step": steps,
+                **{f"dev_{k}": v for k, v in evaluate(job, dev_eval).items()},
+            }
+        if head_dev is not None:
+            refit = _refit_head(job, examples, head_dev, steps, args, progress)
+            cfg.defaults["head_refit"] = refit.as_dict()
+        model.save_weights(out)
+        cfg.save(out)
+        _plot(out / METRICS, out / CURVE)
+        shutil.rmtree(out / checkpoint.CHECKPOINT, ignore_errors=True)  # finished: not needed
         return cfg
-    if best_state is not None:
-        model.load_trainable_state(best_state["weights"])
-        # the kept step's dev metrics, and the best dev accuracy of any evaluated step
-        cfg.best = best_state["metrics"] | {"top_dev_accuracy": best_state["top"]}
-    elif dev_eval is not None:
-        cfg.best = {"step": steps, **{f"dev_{k}": v for k, v in evaluate(job, dev_eval).items()}}
-    if head_dev is not None:
-        refit = _refit_head(job, examples, head_dev, steps, args, progress)
-        cfg.defaults["head_refit"] = refit.as_dict()
-    model.save_weights(out)
-    cfg.save(out)
-    _plot(out / METRICS, out / CURVE)
-    shutil.rmtree(out / checkpoint.CHECKPOINT, ignore_errors=True)  # finished: not needed
-    return cfg
 
 
 def _head_dev(job, dev_recs: Records, seed: int) -> list:
@@ -593,6 +617,13 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
             checkpoint.save(out, state)
             t0 += time.perf_counter() - t_save
     model.eval()
+    if world > 1:
+        # Drop DistributedDataParallel now, so that its Reducer does not hold the process
+        # group's last reference: the Reducer's destructor keeps the GIL while the group
+        # joins gloo's worker threads, one of which may need the GIL to free its last
+        # work, and the process hangs. ``_distributed`` then destroys the group itself.
+        job.forward = model
+        gc.collect()
     return best
 
 

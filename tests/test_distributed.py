@@ -88,3 +88,29 @@ def test_two_processes_match_one(engine, tiny, sentiment_file, tmp_path):
         a, b = load_file(str(one / name)), load_file(str(two / name))
         for k in a:
             assert (a[k] - b[k]).abs().max().item() < 1e-4, (name, k)
+
+
+def test_a_group_train_joins_is_destroyed_and_a_callers_is_left(monkeypatch):
+    """``_distributed`` destroys the process group it joined, also when training fails (a
+    rank that exits with gloo's threads alive can abort in interpreter shutdown), and
+    leaves alone a group its caller had joined."""
+    import torch.distributed as dist
+
+    from ptedge.train import _distributed
+
+    calls, joined = [], {"yes": False}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: joined["yes"])
+    monkeypatch.setattr(
+        dist, "init_process_group", lambda backend: (calls.append(backend), joined.update(yes=True))
+    )
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroyed"))
+    with pytest.raises(RuntimeError, match="boom"), _distributed("cpu") as (rank, world):
+        assert (rank, world) == (1, 2)
+        raise RuntimeError("boom")
+    assert calls == ["gloo", "destroyed"]
+    calls.clear()
+    with _distributed("cpu") as (rank, world):  # the caller's group, joined above
+        assert (rank, world) == (1, 2)
+    assert calls == []
