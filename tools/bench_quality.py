@@ -766,15 +766,17 @@ def mean_embeddings(model_dir: Path, texts: list[str], batch: int = 64):
     return out
 
 
-def linear_probe(model_dir, field, train, dev, test, n_labels, steps, batch) -> dict:
+def linear_probe(
+    model_dir, field, train, dev, test, n_labels, steps, batch, seed: int = SEED
+) -> dict:
     """Linear(H, labels) on frozen mean-pooled embeddings, trained like everything else
-    (AdamW, warm-up/decay, clipping, the seeded batch order); lr chosen on dev. Only the
-    training records the batches draw are embedded."""
+    (AdamW, warm-up/decay, clipping, the batch order ``seed`` draws); lr chosen on dev.
+    Only the training records the batches draw are embedded."""
     import torch
 
     from ptedge import head_fit
 
-    batches = head_fit.batch_order(len(train), steps, batch, SEED)
+    batches = head_fit.batch_order(len(train), steps, batch, seed)
     used = sorted({i for b in batches for i in b})
     row = {i: k for k, i in enumerate(used)}
     t0 = time.perf_counter()
@@ -788,7 +790,7 @@ def linear_probe(model_dir, field, train, dev, test, n_labels, steps, batch) -> 
     by_lr = {}
     for lr in PROBE_LRS:
         mapped = [[row[i] for i in b] for b in batches]
-        head = head_fit.fit_head(x_tr, y_tr, mapped, n_labels, lr, SEED)
+        head = head_fit.fit_head(x_tr, y_tr, mapped, n_labels, lr, seed)
         with torch.no_grad():
             dev_acc = float((head(x_dev).argmax(-1) == y_dev).float().mean())
             test_acc = float((head(x_te).argmax(-1) == y_te).float().mean())
