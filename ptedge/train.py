@@ -521,110 +521,126 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
     params = [p for p in model.parameters() if p.requires_grad]
     if steps == 0 or not params:
         return None
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        job.forward = DistributedDataParallel(model, broadcast_buffers=False)
-    head_ids = {id(p) for p in model.head.parameters()} if model.head is not None else set()
-    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": args.lr}]
-    if head_ids:  # the linear head: its own peak lr (--head-lr)
-        groups.append(
-            {"params": [p for p in params if id(p) in head_ids], "lr": job.cfg.head_lr or args.lr}
-        )
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    sched = head_fit.schedule(opt, steps, args.warmup)
-    eval_every = args.eval_every or max(steps // 5, 1)
-    gen = torch.Generator().manual_seed(args.seed)
-    start, order, best = 0, [], None
-    loss_sum, loss_n = 0.0, 0  # training loss since the last logged row
-    saved = checkpoint.load(out) if args.resume else None
-    if saved is not None:
-        model.load_trainable_state(saved["weights"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        gen.set_state(saved["generator"])
-        start, order, best = saved["step"], saved["order"], saved["best"]
-        loss_sum, loss_n = saved.get("loss_sum", 0.0), saved.get("loss_n", 0)
-        for name in (METRICS, TIMING):  # rows logged after the checkpoint come again
-            _truncate_log(out / name, start)
-    lead = rank == 0
-    metrics_path = out / METRICS
-    bar = _bar(steps, progress and lead, start)
-    seen, t0 = 0, time.perf_counter()
-    model.train()
-    for step in range(start + 1, steps + 1):
-        batch_idx = []
-        while len(batch_idx) < args.batch_size:
-            if not order:
-                order = torch.randperm(len(examples), generator=gen).tolist()
-            batch_idx.append(order.pop())
-        mine = batch_idx[rank::world]  # this rank's share of the global batch
-        loss = job.loss([examples[i][0] for i in mine], [examples[i][1] for i in mine])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        loss_sum += loss.item()
-        loss_n += 1
-        seen += len(batch_idx)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if not lead:
-            continue
-        row = None
-        if step % args.log_every == 0 or step == steps:
-            dt = time.perf_counter() - t0
-            row = {
-                "step": step,
-                "loss": loss_sum / loss_n,
-                "lr": sched.get_last_lr()[0],
-                "world_size": world,
-            }
-            _append_row(out / TIMING, {"step": step, "samples_per_s": seen / dt})
-            loss_sum, loss_n, seen, t0 = 0.0, 0, 0, time.perf_counter()
-        if dev_eval is not None and (step % eval_every == 0 or step == steps):
-            t_eval = time.perf_counter()
-            dev = evaluate(job, dev_eval)
-            model.train()
-            t0 += time.perf_counter() - t_eval  # samples_per_s counts training time only
-            row = (row or {"step": step, "world_size": world}) | {
-                f"dev_{k}": v for k, v in dev.items()
-            }
-            top = max(dev["accuracy"], best["top"] if best else dev["accuracy"])
-            if best is None or defaults.keeps_later_step(dev["accuracy"], dev["n"], top):
-                best = {
-                    "weights": model.trainable_state(),
-                    "metrics": {"step": step, **{f"dev_{k}": v for k, v in dev.items()}},
+    with _data_parallel(job, world):
+        head_ids = {id(p) for p in model.head.parameters()} if model.head is not None else set()
+        groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": args.lr}]
+        if head_ids:  # the linear head: its own peak lr (--head-lr)
+            groups.append(
+                {
+                    "params": [p for p in params if id(p) in head_ids],
+                    "lr": job.cfg.head_lr or args.lr,
                 }
-            best["top"] = top
-            bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{dev['accuracy']:.3f}")
-        if row is not None:
-            _append_row(metrics_path, row)
-        if args.save_every and step % args.save_every == 0 and step < steps:
-            state = {
-                "step": step,
-                "order": order,
-                "best": best,
-                "weights": model.trainable_state(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "generator": gen.get_state(),
-                "loss_sum": loss_sum,
-                "loss_n": loss_n,
-            }
-            t_save = time.perf_counter()
-            checkpoint.save(out, state)
-            t0 += time.perf_counter() - t_save
-    model.eval()
-    if world > 1:
-        # Drop DistributedDataParallel now, so that its Reducer does not hold the process
-        # group's last reference: the Reducer's destructor keeps the GIL while the group
-        # joins gloo's worker threads, one of which may need the GIL to free its last
-        # work, and the process hangs. ``_distributed`` then destroys the group itself.
-        job.forward = model
-        gc.collect()
+            )
+        opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        sched = head_fit.schedule(opt, steps, args.warmup)
+        eval_every = args.eval_every or max(steps // 5, 1)
+        gen = torch.Generator().manual_seed(args.seed)
+        start, order, best = 0, [], None
+        loss_sum, loss_n = 0.0, 0  # training loss since the last logged row
+        saved = checkpoint.load(out) if args.resume else None
+        if saved is not None:
+            model.load_trainable_state(saved["weights"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            gen.set_state(saved["generator"])
+            start, order, best = saved["step"], saved["order"], saved["best"]
+            loss_sum, loss_n = saved.get("loss_sum", 0.0), saved.get("loss_n", 0)
+            for name in (METRICS, TIMING):  # rows logged after the checkpoint come again
+                _truncate_log(out / name, start)
+        lead = rank == 0
+        metrics_path = out / METRICS
+        bar = _bar(steps, progress and lead, start)
+        seen, t0 = 0, time.perf_counter()
+        model.train()
+        for step in range(start + 1, steps + 1):
+            batch_idx = []
+            while len(batch_idx) < args.batch_size:
+                if not order:
+                    order = torch.randperm(len(examples), generator=gen).tolist()
+                batch_idx.append(order.pop())
+            mine = batch_idx[rank::world]  # this rank's share of the global batch
+            loss = job.loss([examples[i][0] for i in mine], [examples[i][1] for i in mine])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            loss_sum += loss.item()
+            loss_n += 1
+            seen += len(batch_idx)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if not lead:
+                continue
+            row = None
+            if step % args.log_every == 0 or step == steps:
+                dt = time.perf_counter() - t0
+                row = {
+                    "step": step,
+                    "loss": loss_sum / loss_n,
+                    "lr": sched.get_last_lr()[0],
+                    "world_size": world,
+                }
+                _append_row(out / TIMING, {"step": step, "samples_per_s": seen / dt})
+                loss_sum, loss_n, seen, t0 = 0.0, 0, 0, time.perf_counter()
+            if dev_eval is not None and (step % eval_every == 0 or step == steps):
+                t_eval = time.perf_counter()
+                dev = evaluate(job, dev_eval)
+                model.train()
+                t0 += time.perf_counter() - t_eval  # samples_per_s counts training time only
+                row = (row or {"step": step, "world_size": world}) | {
+                    f"dev_{k}": v for k, v in dev.items()
+                }
+                top = max(dev["accuracy"], best["top"] if best else dev["accuracy"])
+                if best is None or defaults.keeps_later_step(dev["accuracy"], dev["n"], top):
+                    best = {
+                        "weights": model.trainable_state(),
+                        "metrics": {"step": step, **{f"dev_{k}": v for k, v in dev.items()}},
+                    }
+                best["top"] = top
+                bar.set_postfix(loss=f"{loss.item():.3f}", dev=f"{dev['accuracy']:.3f}")
+            if row is not None:
+                _append_row(metrics_path, row)
+            if args.save_every and step % args.save_every == 0 and step < steps:
+                state = {
+                    "step": step,
+                    "order": order,
+                    "best": best,
+                    "weights": model.trainable_state(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "generator": gen.get_state(),
+                    "loss_sum": loss_sum,
+                    "loss_n": loss_n,
+                }
+                t_save = time.perf_counter()
+                checkpoint.save(out, state)
+                t0 += time.perf_counter() - t_save
+        model.eval()
     return best
+
+
+@contextlib.contextmanager
+def _data_parallel(job, world: int) -> Iterator[None]:
+    """``job.forward`` as DistributedDataParallel while inside (world > 1), and back to the
+    plain model on the way out, also when training fails.
+
+    Dropped there, not left to the process's end, so that DDP's Reducer never holds the
+    process group's last reference: the Reducer's destructor keeps the GIL while the group
+    joins gloo's worker threads, one of which may need the GIL to free its last work, and
+    the process hangs. ``_distributed`` then destroys the group itself.
+    """
+    if world <= 1:
+        yield
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    job.forward = DistributedDataParallel(job.model, broadcast_buffers=False)
+    try:
+        yield
+    finally:
+        job.forward = job.model
+        gc.collect()  # the wrapper and its Reducer go now, whatever cycles hold them
 
 
 def _append_row(path: Path, row: dict) -> None:
