@@ -138,10 +138,13 @@ def markdown(result: dict) -> str:
         "# ptedge at defaults against the linear probe, over training seeds",
         "",
         f"Machine: {bc.machine_line(result['machine'])}. `{result['command']}`, "
-        f"{result['wall_s'] / 60:.0f} min (seeds already under --work reused).",
+        f"{result['wall_s'] / 60:.0f} min, seeds already under --work reused (training took "
+        f"{sum(r['train_s'] for r in result['runs']) / 60:.0f} min over the "
+        f"{len(result['runs'])} runs, `train_s` in seeds.json).",
         "",
-        "Each row: the README's command with `--seed S` (it also draws the dev split ptedge "
-        "carves), `ptedge export RUN --out B --quantize int8`, both scored on the test split "
+        "Each row: the README's command with `--seed S` (which also draws the dev split "
+        "ptedge carves where the task has no dev file), `ptedge export RUN --out B --quantize "
+        "int8`, both scored on the test split "
         "(only scored); the linear probe (`tools/bench_quality.py`'s: mean-pooled frozen "
         "all-MiniLM-L6-v2, lr chosen on dev) on the same training records, dev split and "
         "budget, its batches drawn with S. One thread a run.",
