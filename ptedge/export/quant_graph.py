@@ -3,7 +3,7 @@
 - ``static_activations``: onnxruntime's dynamic int8 graph (per-channel int8 weights,
   ``DynamicQuantizeLinear`` before each int8 MatMul or fused attention) made static: each
   ``DynamicQuantizeLinear`` becomes a ``QuantizeLinear`` whose scale and zero point were
-  measured once on real records (``activation_ranges``), and each ``MatMulInteger ->
+  measured once on real records (``channel_ranges``), and each ``MatMulInteger ->
   Cast -> Mul`` chain becomes one ``MatMulIntegerToFloat``. A per-batch scale makes a
   record's answer depend on the other records of its batch; a constant one does not,
   and the per-layer min/max pass is gone.
@@ -103,16 +103,19 @@ def tensor_values(
         yield session.run(names, {k: feed[k] for k in inputs})
 
 
-def activation_ranges(
+def channel_ranges(
     source: Path, names: list[str], feeds: Iterable[dict[str, np.ndarray]]
-) -> dict[str, tuple[float, float]]:
-    """(min, max) of each named float tensor of the graph ``source`` over ``feeds``
-    (batches of one record: no padding enters the ranges)."""
-    lo = dict.fromkeys(names, np.inf)
-    hi = dict.fromkeys(names, -np.inf)
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(min, max) of each channel (last axis) of each named float tensor of the graph
+    ``source`` over ``feeds`` (batches of one record: no padding enters the ranges);
+    two (C,) arrays per name."""
+    lo: dict[str, np.ndarray] = {}
+    hi: dict[str, np.ndarray] = {}
     for values in tensor_values(source, names, feeds):
         for x, v in zip(names, values, strict=True):
-            lo[x], hi[x] = min(lo[x], float(v.min())), max(hi[x], float(v.max()))
+            v = v.reshape(-1, v.shape[-1])  # (tokens, C)
+            lo[x] = np.minimum(lo[x], v.min(0)) if x in lo else v.min(0)
+            hi[x] = np.maximum(hi[x], v.max(0)) if x in hi else v.max(0)
     return {x: (lo[x], hi[x]) for x in names}
 
 

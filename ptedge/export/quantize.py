@@ -18,7 +18,9 @@ change between batch sizes 1 and 32.
   first (``ptedge.export.fusion``), per-channel 7-bit int8 MatMul weights (within +-64:
   ``quant_graph.MATMUL_WEIGHT_PEAK``, recorded as ``weight_peak``) and fused attention
   (``QAttention``), activations int8 with one scale per tensor calibrated on the guard
-  data's records (min/max over real tokens), the word embedding per-row int8.
+  data's records (min/max over real tokens), a MatMul input's outlier channels kept out of
+  its scale and multiplied in float (``ptedge.export.outlier_channels``, recorded as
+  ``float_channels``), the word embedding per-row int8.
 - ``weight-only`` / ``weight-only-float`` (int8): ``MatMulNBits`` 8-bit weights in blocks
   of 32, activations int8 per block of each row (level 4), or float arithmetic (level 1);
   embedding in float. What keeps SmolLM2 accurate (its activation outliers defeat
@@ -44,6 +46,7 @@ from functools import partial
 from pathlib import Path
 
 from ptedge.data import Records, labels_of, read_records
+from ptedge.export import outlier_channels as oc
 from ptedge.export import quant_graph as qg
 from ptedge.export.bundle import data_source
 from ptedge.export.fusion import encoder_shape, fuse_encoder
@@ -89,8 +92,13 @@ def _static_int8(fp32: Path, out: Path, ctx: Context) -> dict:
         qg.quantize_dynamic_int8(src, out, ctx.excluded)
         model = onnx.load(str(out))
         names = [n.input[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"]
-        ranges = qg.activation_ranges(src, names, ctx.calibration)
-    qg.static_activations(model, ranges)
+        ranges = qg.channel_ranges(src, names, ctx.calibration)
+        chosen = oc.plan(model, ranges)
+        weights = oc.float_weights(onnx.load(str(src)), chosen)
+    qg.static_activations(
+        model, {x: oc.tensor_range(lo, hi, chosen.get(x)) for x, (lo, hi) in ranges.items()}
+    )
+    floated = oc.add_float_path(model, chosen, weights)
     table = qg.quantize_embedding_rows(model)
     onnx.save(model, str(out))
     return {
@@ -98,6 +106,7 @@ def _static_int8(fp32: Path, out: Path, ctx: Context) -> dict:
         "embedding": table,
         "calibration": ctx.calibration_data,
         "weight_peak": qg.MATMUL_WEIGHT_PEAK,
+        "float_channels": floated,
     }
 
 
@@ -118,7 +127,7 @@ RECIPES: tuple[Recipe, ...] = (
         "int8",
         "static int8: per-channel 7-bit int8 MatMul weights (fused attention too, for "
         "BERT-family encoders), int8 activations with one scale per tensor calibrated at "
-        "export, per-row int8 embedding",
+        "export, MatMul inputs' outlier channels in float, per-row int8 embedding",
         _static_int8,
         causal=False,
     ),
@@ -191,7 +200,7 @@ def quantize(fp32: Path, out: Path, name: str, ctx: Context) -> dict:
         "fused_ops": facts.get("fused_ops"),
         "excluded_nodes": ctx.excluded,
         "embedding": facts.get("embedding"),
-        **{k: facts[k] for k in ("calibration", "weight_peak") if k in facts},
+        **{k: facts[k] for k in ("calibration", "weight_peak", "float_channels") if k in facts},
         "fp32_bytes": fp32.stat().st_size,
         "bytes": out.stat().st_size,
     }
