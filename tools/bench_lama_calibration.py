@@ -1,0 +1,254 @@
+"""ptedge's calibrated confidence on LAMA, over every T-REx relation.
+
+The quality benchmark trains three LAMA relations, about 200 test facts each; there a
+perfectly calibrated model's top-label ECE (15 bins) is itself 0.07-0.08, so an ECE goal
+of 0.05 cannot be read from one relation. This study trains the README's LAMA command
+(SmolLM2-135M, ``[P:3] {sub_label} [P:3] [MASK]``, the relation's train and dev files,
+nothing else) on each relation asked, exports all of them as one int8 bundle as the
+quality benchmark does (a temperature fitted per relation on its dev facts), scores each
+relation's dev and test facts with that bundle, and reports:
+
+- precision@1 and top-label ECE (raw, and at the bundle's temperature) per relation and
+  over all test facts together, each ECE beside its floor (``ptedge.calibration.ece_floor``);
+- for analysis, the pooled test ECE under other temperatures computed from the same
+  scores on a grid: one temperature fitted on every relation's dev facts together, and
+  per-relation temperatures fitted to the top label's correctness instead of the
+  full-vocabulary likelihood.
+
+    python tools/bench_lama_calibration.py                      # all 41 relations
+    python tools/bench_lama_calibration.py --relations P37,P30
+
+Training runs one thread each, ``--workers`` at a time, kept under ``--work`` (a relation
+whose run is there is not retrained). Writes docs/results/lama_calibration.{json,md}.
+
+Not for: comparing with PEFT or manual prompts (``tools/bench_quality.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import _bench_common as bc
+import bench_defaults
+import bench_quality
+import numpy as np
+
+GRID = np.exp(np.linspace(np.log(0.25), np.log(8.0), 61))  # temperatures for the analysis
+
+
+def _cli(threads: int, *args: str) -> dict:
+    """``ptedge ARGS`` with ``threads`` threads; its last stdout line, parsed as JSON."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "ptedge.cli", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=bc.ROOT)
+    if res.returncode:
+        sys.exit(f"ptedge {' '.join(args)} failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def train_flags(trex: Path, rel: str, model: Path) -> list[str]:
+    """The README's LAMA command for relation ``rel``, without --out."""
+    return [
+        "--model",
+        str(model),
+        "--train",
+        str(trex / "train" / f"{rel}.jsonl"),
+        "--dev",
+        str(trex / "dev" / f"{rel}.jsonl"),
+        "--label-field",
+        "obj_label",
+        "--template",
+        bc.LAMA_TEMPLATE,
+    ]
+
+
+def train(work: Path, trex: Path, model: Path, rel: str) -> Path:
+    run = work / "runs" / rel
+    if not (run / "ptedge.json").is_file():
+        _cli(1, "train", *train_flags(trex, rel, model), "--force", "--out", str(run))
+        bc.log(f"trained {rel}")
+    return run
+
+
+def grid_stats(scores: np.ndarray, gold: np.ndarray) -> dict:
+    """Per fact, at every temperature of ``GRID``: the top probability and the gold's log
+    probability; and whether the top token is the gold (the same at every temperature).
+    scores: (N, V) raw; gold: (N,) token ids."""
+    s = scores.astype(np.float64)  # (N, V)
+    top = s.max(-1, keepdims=True)  # (N, 1)
+    gold_s = s[np.arange(len(gold)), gold][:, None]  # (N, 1)
+    conf, logp = [], []
+    for t in GRID:
+        logz = np.log(np.exp((s - top) / t).sum(-1, keepdims=True))  # (N, 1)
+        conf.append(np.exp(-logz[:, 0]))
+        logp.append(((gold_s - top) / t - logz)[:, 0])
+    return {"conf": np.stack(conf, 1), "logp": np.stack(logp, 1), "ok": s.argmax(-1) == gold}
+
+
+def score(p, rel: str, path: Path) -> dict:
+    """Predictor ``p``'s raw scores of relation ``rel`` on the facts at ``path`` whose
+    object is one token, as ``grid_stats``; with the bundle's temperature for ``rel``."""
+    from ptedge.data import read_records
+    from ptedge.targets import vocab_targets
+
+    _, spec = p.task(rel)
+    recs = read_records(path)
+    targets = vocab_targets(recs, spec["label_field"], spec["template"], p.tokenizer)
+    keep = [i for i, t in enumerate(targets) if t is not None]
+    scores, _ = p.scores([recs[i] for i in keep], rel)
+    stats = grid_stats(scores, np.asarray([targets[i] for i in keep]))
+    return stats | {
+        "n": len(keep),
+        "skipped": len(recs) - len(keep),
+        "T": spec["calibration"]["temperature"],
+    }
+
+
+def at(stats: dict, t: float) -> np.ndarray:
+    """Top probabilities at the grid temperature nearest ``t``."""
+    return stats["conf"][:, int(np.argmin(np.abs(np.log(GRID) - np.log(t))))]
+
+
+def ece_row(parts: list[tuple[dict, float]]) -> dict:
+    """ECE of the test facts of every (stats, temperature) part together, and its floor."""
+    from ptedge import calibration
+
+    conf = np.concatenate([at(s, t) for s, t in parts])
+    ok = np.concatenate([s["ok"] for s, _ in parts])
+    return {"ece": calibration.ece(conf, ok), "floor": calibration.ece_floor(conf), "n": len(ok)}
+
+
+def nll_fit(parts: list[dict]) -> float:
+    """The grid temperature minimising the gold's NLL over every part's facts."""
+    return float(GRID[np.argmin(-np.concatenate([p["logp"] for p in parts]).mean(0))])
+
+
+def top_label_fit(s: dict) -> float:
+    """The grid temperature minimising the log loss of the top probability as the
+    probability that the top token is right."""
+    c = np.clip(s["conf"], 1e-12, 1 - 1e-12)
+    ok = s["ok"][:, None]
+    return float(GRID[np.argmin(-(ok * np.log(c) + (~ok) * np.log(1 - c)).mean(0))])
+
+
+def summarise(rels: list[str], dev: dict, test: dict) -> dict:
+    from ptedge import calibration
+
+    per = {}
+    for r in rels:
+        s = test[r]
+        per[r] = {
+            "n": s["n"],
+            "skipped": s["skipped"],
+            "dev_n": dev[r]["n"],
+            "p_at_1": float(s["ok"].mean()),
+            "temperature": s["T"],
+            "ece_raw": calibration.ece(at(s, 1.0), s["ok"]),
+            "ece_calibrated": calibration.ece(at(s, s["T"]), s["ok"]),
+            "floor": calibration.ece_floor(at(s, s["T"])),
+        }
+    pooled_t = nll_fit([dev[r] for r in rels])
+    pooled = {
+        "raw": ece_row([(test[r], 1.0) for r in rels]),
+        "per-relation temperature (shipped)": ece_row([(test[r], test[r]["T"]) for r in rels]),
+        f"one temperature on all dev facts (T {pooled_t:.2f})": ece_row(
+            [(test[r], pooled_t) for r in rels]
+        ),
+        "per-relation temperature fitted to top-label correctness on dev": ece_row(
+            [(test[r], top_label_fit(dev[r])) for r in rels]
+        ),
+    }
+    return {
+        "per_relation": per,
+        "macro_p_at_1": float(np.mean([p["p_at_1"] for p in per.values()])),
+        "pooled_test_ece": pooled,
+    }
+
+
+def markdown(result: dict) -> str:
+    f = bc.fmt
+    s = result["summary"]
+    lines = [
+        "# Calibrated confidence on LAMA, every relation",
+        "",
+        f"Machine: {bc.machine_line(result['machine'])}. `{result['command']}`, "
+        f"{result['wall_s'] / 60:.0f} min (runs already under --work reused). Each relation: "
+        f"`{result['train_command']}`; all in one bundle, `ptedge export RUN... --out B "
+        "--quantize int8`; scored with the bundle on the relation's test facts whose object is "
+        "one token. ECE: top-label, 15 bins; floor: the mean ECE of a perfectly calibrated "
+        "model with the same confidences on as many facts (`ptedge.calibration.ece_floor`).",
+        "",
+        "## All test facts together",
+        "",
+        "| temperature | ECE | floor | n |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, row in s["pooled_test_ece"].items():
+        lines.append(f"| {name} | {f(row['ece'])} | {f(row['floor'])} | {row['n']} |")
+    lines += [
+        "",
+        f"Macro precision@1 of the int8 bundle over {len(s['per_relation'])} relations: "
+        f"{f(s['macro_p_at_1'])}.",
+        "",
+        "## Per relation",
+        "",
+        "| relation | test n (skipped) | dev n | P@1 | T | ECE raw → calibrated | floor |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for r, p in s["per_relation"].items():
+        lines.append(
+            f"| {r} | {p['n']} ({p['skipped']}) | {p['dev_n']} | {f(p['p_at_1'])} | "
+            f"{p['temperature']:.2f} | {f(p['ece_raw'])} → {f(p['ece_calibrated'])} | "
+            f"{f(p['floor'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ptedge.backbones import fetch
+    from ptedge.runtime import Predictor
+
+    ap = bench_defaults.study_parser(__doc__, "lama_calibration")
+    ap.add_argument("--relations", default="all", help="comma-separated, or all (default)")
+    a = ap.parse_args(argv)
+    trex = bc.need_data("trex")
+    known = [json.loads(x)["relation"] for x in (trex / "relations.jsonl").read_text().splitlines()]
+    rels = known if a.relations == "all" else a.relations.split(",")
+    unknown = [r for r in rels if r not in known]
+    if unknown:
+        sys.exit(f"--relations: unknown {unknown} (trex has {', '.join(known)})")
+    t0 = time.perf_counter()
+    work, model = Path(a.work), fetch("smollm2-135m", quiet=True)
+    with ThreadPoolExecutor(a.workers) as pool:
+        runs = list(pool.map(lambda r: train(work, trex, model, r), rels))
+    bundle = work / "int8"
+    if not (bundle / "ptedge.json").is_file():
+        _cli(2, "export", *map(str, runs), "--out", str(bundle), "--quantize", "int8", "--force")
+    p = Predictor(bundle, threads=2)
+    dev = {r: score(p, r, trex / "dev" / f"{r}.jsonl") for r in rels}
+    test = {r: score(p, r, trex / "test" / f"{r}.jsonl") for r in rels}
+    command = "python tools/bench_lama_calibration.py" + (
+        f" --relations {a.relations}" if a.relations != "all" else ""
+    )
+    shown = bench_quality._shown(train_flags(trex, "REL", model))
+    result = {
+        "benchmark": "lama_calibration",
+        "command": command,
+        "train_command": "ptedge train " + " ".join(shown),
+        "machine": bc.machine(),
+        "relations": rels,
+        "summary": summarise(rels, dev, test),
+        "wall_s": time.perf_counter() - t0,
+    }
+    bc.write_report(Path(a.out), "lama_calibration", result, markdown(result))
+    bc.log(f"wrote {Path(a.out) / 'lama_calibration.json'} and lama_calibration.md")
+
+
+if __name__ == "__main__":
+    main()
