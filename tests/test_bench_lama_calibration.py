@@ -50,3 +50,15 @@ def test_both_fits_find_the_temperature_the_labels_were_drawn_at():
     # and the ECE at the fitted temperature is near its floor, far below the raw one
     fitted = lc.ece_row([(s, lc.nll_fit([s]))])
     assert fitted["ece"] < 0.03 < lc.ece_row([(s, 1.0)])["ece"]
+
+
+def test_dev_crossfit_scores_every_rule_on_held_out_halves():
+    dev = {}
+    for k in range(3):  # three "relations", labels drawn at T = 2
+        scores, gold = _drawn(2.0, n=600, seed=k)
+        dev[f"P{k}"] = lc.grid_stats(scores, gold)
+    res = lc.dev_crossfit(dev)
+    assert set(res) == set(lc.FITS)
+    assert all(row["n"] == 1800 for row in res.values())
+    fitted = res["one for all relations, NLL"]["ece"]
+    assert fitted < res["raw (T = 1)"]["ece"] / 2

@@ -10,10 +10,11 @@ relation's dev and test facts with that bundle, and reports:
 
 - precision@1 and top-label ECE (raw, and at the bundle's temperature) per relation and
   over all test facts together, each ECE beside its floor (``ptedge.calibration.ece_floor``);
-- for analysis, the pooled test ECE under other temperatures computed from the same
-  scores on a grid: one temperature fitted on every relation's dev facts together, and
-  per-relation temperatures fitted to the top label's correctness instead of the
-  full-vocabulary likelihood.
+- for analysis, the pooled ECE under other temperature rules (``FITS``) computed from the
+  same scores on a grid: one temperature fitted on every relation's dev facts together,
+  and per-relation temperatures fitted to the top label's correctness instead of the
+  full-vocabulary likelihood; on the test facts, and judged on dev facts alone (each
+  relation's dev facts in two halves, fitted on one and scored on the other).
 
     python tools/bench_lama_calibration.py                      # all 41 relations
     python tools/bench_lama_calibration.py --relations P37,P30
@@ -137,6 +138,37 @@ def top_label_fit(s: dict) -> float:
     return float(GRID[np.argmin(-(ok * np.log(c) + (~ok) * np.log(1 - c)).mean(0))])
 
 
+def _take(stats: dict, idx: np.ndarray) -> dict:
+    return {k: stats[k][idx] for k in ("conf", "logp", "ok")}
+
+
+FITS = {  # temperature rule -> (per-relation dev stats -> per-relation temperature)
+    "raw (T = 1)": lambda dev: dict.fromkeys(dev, 1.0),
+    "per relation, NLL (shipped)": lambda dev: {r: nll_fit([s]) for r, s in dev.items()},
+    "one for all relations, NLL": lambda dev: dict.fromkeys(dev, nll_fit(list(dev.values()))),
+    "per relation, top-label log loss": lambda dev: {r: top_label_fit(s) for r, s in dev.items()},
+}
+
+
+def dev_crossfit(dev: dict) -> dict:
+    """Each rule of ``FITS`` judged on dev facts only: every relation's dev facts split in
+    two halves (seeded); temperatures fitted on one half, the ECE of the other half's facts
+    at them, both ways round, all relations pooled."""
+    rng = np.random.default_rng(0)
+    halves = {}
+    for r, s in dev.items():
+        order = rng.permutation(len(s["ok"]))
+        halves[r] = (order[: len(order) // 2], order[len(order) // 2 :])
+    res = {}
+    for name, fit in FITS.items():
+        parts = []
+        for a, b in ((0, 1), (1, 0)):
+            temps = fit({r: _take(s, halves[r][a]) for r, s in dev.items()})
+            parts += [(_take(s, halves[r][b]), temps[r]) for r, s in dev.items()]
+        res[name] = ece_row(parts)
+    return res
+
+
 def summarise(rels: list[str], dev: dict, test: dict) -> dict:
     from ptedge import calibration
 
@@ -153,21 +185,18 @@ def summarise(rels: list[str], dev: dict, test: dict) -> dict:
             "ece_calibrated": calibration.ece(at(s, s["T"]), s["ok"]),
             "floor": calibration.ece_floor(at(s, s["T"])),
         }
-    pooled_t = nll_fit([dev[r] for r in rels])
-    pooled = {
-        "raw": ece_row([(test[r], 1.0) for r in rels]),
-        "per-relation temperature (shipped)": ece_row([(test[r], test[r]["T"]) for r in rels]),
-        f"one temperature on all dev facts (T {pooled_t:.2f})": ece_row(
-            [(test[r], pooled_t) for r in rels]
-        ),
-        "per-relation temperature fitted to top-label correctness on dev": ece_row(
-            [(test[r], top_label_fit(dev[r])) for r in rels]
-        ),
-    }
+    pooled = {}
+    for name, fit in FITS.items():
+        temps = fit({r: dev[r] for r in rels})
+        pooled[name] = ece_row([(test[r], temps[r]) for r in rels])
+    pooled["per relation, the bundle's temperature"] = ece_row(
+        [(test[r], test[r]["T"]) for r in rels]
+    )
     return {
         "per_relation": per,
         "macro_p_at_1": float(np.mean([p["p_at_1"] for p in per.values()])),
         "pooled_test_ece": pooled,
+        "dev_crossfit_ece": dev_crossfit({r: dev[r] for r in rels}),
     }
 
 
@@ -190,6 +219,16 @@ def markdown(result: dict) -> str:
         "|---|---:|---:|---:|",
     ]
     for name, row in s["pooled_test_ece"].items():
+        lines.append(f"| {name} | {f(row['ece'])} | {f(row['floor'])} | {row['n']} |")
+    lines += [
+        "",
+        "The same temperature rules judged on dev facts alone (each relation's dev facts in "
+        "two seeded halves; fitted on one, scored on the other, both ways round, pooled):",
+        "",
+        "| temperature | ECE | floor | n |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, row in s["dev_crossfit_ece"].items():
         lines.append(f"| {name} | {f(row['ece'])} | {f(row['floor'])} | {row['n']} |")
     lines += [
         "",
