@@ -210,3 +210,19 @@ def test_fp32_parity_tolerance_scales_with_large_scores():
 
     assert fp32_tolerance(np.array([[0.5, -3.0]])) == PARITY_ATOL
     assert fp32_tolerance(np.array([[40.0, -3.0]])) == pytest.approx(40.0 * PARITY_RTOL)
+
+
+def test_a_task_whose_dev_labels_it_cannot_score_is_left_uncalibrated(tiny, tmp_path):
+    """LAMA's P1376 has 87 dev facts and none whose object is one SmolLM2 token: the
+    export must not fail on it, and says the task is uncalibrated."""
+    data = _open_vocab_file(tmp_path)
+    run = tmp_path / "run"
+    train(
+        TrainArgs(model=str(tiny("llama")), train=str(data), template="[P:2] {sentence} [MASK]",
+                  head="lm", steps=2, batch_size=4, dev="none", out=str(run)),
+        progress=False,
+    )  # fmt: skip
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"sentence": "a", "label": "two words"}] * 3)
+    manifest = export(ExportArgs(runs=[str(run)], out=str(tmp_path / "b"), eval_file=str(dev)))
+    assert manifest["tasks"]["run"]["calibration"] is None
+    assert Predictor(tmp_path / "b").predict([{"sentence": "the movie was"}])[0]["label"]

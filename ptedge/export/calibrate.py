@@ -97,6 +97,12 @@ def calibrate(session, runs, eval_file: str | None, reject_file: str | None, max
             )
             continue
         recs, targets = _labelled(run, path)
+        if not recs:  # e.g. LAMA facts whose objects are all several tokens long
+            _log(
+                f"calibration {run.name}: no record of {Path(path).name} has a label the task "
+                "can score (a single token): scores left uncalibrated"
+            )
+            continue
         scores = scores_of(session, run, recs)
         t = calibration.fit_temperature(scores, targets)
         raw, cal = calibration.probabilities(scores), calibration.probabilities(scores, t)
