@@ -4,9 +4,10 @@ The quality benchmark trains three LAMA relations, about 200 test facts each; th
 perfectly calibrated model's top-label ECE (15 bins) is itself 0.07-0.08, so an ECE goal
 of 0.05 cannot be read from one relation. This study trains the README's LAMA command
 (SmolLM2-135M, ``[P:3] {sub_label} [P:3] [MASK]``, the relation's train and dev files,
-nothing else) on each relation asked, exports all of them as one int8 bundle as the
-quality benchmark does (a temperature fitted per relation on its dev facts), scores each
-relation's dev and test facts with that bundle, and reports:
+nothing else) on each relation asked, exports all of them as one bundle (int8, or with
+``--precision fp32`` fp32) as the quality benchmark does (a temperature fitted per
+relation on its dev facts), scores each relation's dev and test facts with that bundle,
+and reports:
 
 - precision@1 and top-label ECE (raw, and at the bundle's temperature) per relation and
   over all test facts together, each ECE beside its floor (``ptedge.calibration.ece_floor``);
@@ -107,7 +108,7 @@ def score(p, rel: str, path: Path) -> dict:
     return stats | {
         "n": len(keep),
         "skipped": len(recs) - len(keep),
-        "T": spec["calibration"]["temperature"],
+        "T": (spec.get("calibration") or {}).get("temperature", 1.0),  # None: uncalibrated
     }
 
 
@@ -126,13 +127,16 @@ def ece_row(parts: list[tuple[dict, float]]) -> dict:
 
 
 def nll_fit(parts: list[dict]) -> float:
-    """The grid temperature minimising the gold's NLL over every part's facts."""
-    return float(GRID[np.argmin(-np.concatenate([p["logp"] for p in parts]).mean(0))])
+    """The grid temperature minimising the gold's NLL over every part's facts (1 if none)."""
+    logp = np.concatenate([p["logp"] for p in parts])  # (N, G)
+    return float(GRID[np.argmin(-logp.mean(0))]) if len(logp) else 1.0
 
 
 def top_label_fit(s: dict) -> float:
     """The grid temperature minimising the log loss of the top probability as the
     probability that the top token is right."""
+    if not len(s["ok"]):
+        return 1.0
     c = np.clip(s["conf"], 1e-12, 1 - 1e-12)
     ok = s["ok"][:, None]
     return float(GRID[np.argmin(-(ok * np.log(c) + (~ok) * np.log(1 - c)).mean(0))])
@@ -208,9 +212,10 @@ def markdown(result: dict) -> str:
         "",
         f"Machine: {bc.machine_line(result['machine'])}. `{result['command']}`, "
         f"{result['wall_s'] / 60:.0f} min (runs already under --work reused). Each relation: "
-        f"`{result['train_command']}`; all in one bundle, `ptedge export RUN... --out B "
-        "--quantize int8`; scored with the bundle on the relation's test facts whose object is "
-        "one token. ECE: top-label, 15 bins; floor: the mean ECE of a perfectly calibrated "
+        f"`{result['train_command']}`; all in one {result['precision']} bundle, `ptedge export "
+        f"RUN... --out B{' --quantize int8' if result['precision'] == 'int8' else ''}`; scored "
+        "with the bundle on the relation's test facts whose object is one token. ECE: "
+        "top-label, 15 bins; floor: the mean ECE of a perfectly calibrated "
         "model with the same confidences on as many facts (`ptedge.calibration.ece_floor`).",
         "",
         "## All test facts together",
@@ -232,7 +237,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {f(row['ece'])} | {f(row['floor'])} | {row['n']} |")
     lines += [
         "",
-        f"Macro precision@1 of the int8 bundle over {len(s['per_relation'])} relations: "
+        f"Macro precision@1 of the {result['precision']} bundle over "
+        f"{len(s['per_relation'])} relations: "
         f"{f(s['macro_p_at_1'])}.",
         "",
         "## Per relation",
@@ -255,6 +261,12 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = bench_defaults.study_parser(__doc__, "lama_calibration")
     ap.add_argument("--relations", default="all", help="comma-separated, or all (default)")
+    ap.add_argument(
+        "--precision",
+        choices=("int8", "fp32"),
+        default="int8",
+        help="the bundle scored: int8 (default) or fp32",
+    )
     a = ap.parse_args(argv)
     trex = bc.need_data("trex")
     known = [json.loads(x)["relation"] for x in (trex / "relations.jsonl").read_text().splitlines()]
@@ -266,15 +278,17 @@ def main(argv: list[str] | None = None) -> None:
     work, model = Path(a.work), fetch("smollm2-135m", quiet=True)
     with ThreadPoolExecutor(a.workers) as pool:
         runs = list(pool.map(lambda r: train(work, trex, model, r), rels))
-    bundle = work / "int8"
+    bundle = work / a.precision
+    quantize = ["--quantize", "int8"] if a.precision == "int8" else []
     if not (bundle / "ptedge.json").is_file():
-        _cli(2, "export", *map(str, runs), "--out", str(bundle), "--quantize", "int8", "--force")
+        _cli(2, "export", *map(str, runs), "--out", str(bundle), *quantize, "--force")
     p = Predictor(bundle, threads=2)
     dev = {r: score(p, r, trex / "dev" / f"{r}.jsonl") for r in rels}
     test = {r: score(p, r, trex / "test" / f"{r}.jsonl") for r in rels}
     command = "python tools/bench_lama_calibration.py" + (
         f" --relations {a.relations}" if a.relations != "all" else ""
     )
+    command += " --precision fp32" if a.precision == "fp32" else ""
     shown = bench_quality._shown(train_flags(trex, "REL", model))
     result = {
         "benchmark": "lama_calibration",
@@ -282,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         "train_command": "ptedge train " + " ".join(shown),
         "machine": bc.machine(),
         "relations": rels,
+        "precision": a.precision,
         "summary": summarise(rels, dev, test),
         "wall_s": time.perf_counter() - t0,
     }
