@@ -103,8 +103,12 @@ def score(p, rel: str, path: Path) -> dict:
     recs = read_records(path)
     targets = vocab_targets(recs, spec["label_field"], spec["template"], p.tokenizer)
     keep = [i for i, t in enumerate(targets) if t is not None]
-    scores, _ = p.scores([recs[i] for i in keep], rel)
-    stats = grid_stats(scores, np.asarray([targets[i] for i in keep]))
+    if keep:
+        scores, _ = p.scores([recs[i] for i in keep], rel)
+        stats = grid_stats(scores, np.asarray([targets[i] for i in keep]))
+    else:
+        empty = np.zeros((0, len(GRID)))
+        stats = {"conf": empty, "logp": empty, "ok": np.zeros(0, bool)}
     return stats | {
         "n": len(keep),
         "skipped": len(recs) - len(keep),
