@@ -208,6 +208,13 @@ def summarise(rels: list[str], dev: dict, test: dict) -> dict:
     }
 
 
+def _ece_table(rows: dict) -> list[str]:
+    """Markdown rows: temperature rule, ECE, floor, n."""
+    f = bc.fmt
+    head = ["| temperature | ECE | floor | n |", "|---|---:|---:|---:|"]
+    return head + [f"| {k} | {f(r['ece'])} | {f(r['floor'])} | {r['n']} |" for k, r in rows.items()]
+
+
 def markdown(result: dict) -> str:
     f = bc.fmt
     s = result["summary"]
@@ -224,22 +231,12 @@ def markdown(result: dict) -> str:
         "",
         "## All test facts together",
         "",
-        "| temperature | ECE | floor | n |",
-        "|---|---:|---:|---:|",
-    ]
-    for name, row in s["pooled_test_ece"].items():
-        lines.append(f"| {name} | {f(row['ece'])} | {f(row['floor'])} | {row['n']} |")
-    lines += [
+        *_ece_table(s["pooled_test_ece"]),
         "",
         "The same temperature rules judged on dev facts alone (each relation's dev facts in "
         "two seeded halves; fitted on one, scored on the other, both ways round, pooled):",
         "",
-        "| temperature | ECE | floor | n |",
-        "|---|---:|---:|---:|",
-    ]
-    for name, row in s["dev_crossfit_ece"].items():
-        lines.append(f"| {name} | {f(row['ece'])} | {f(row['floor'])} | {row['n']} |")
-    lines += [
+        *_ece_table(s["dev_crossfit_ece"]),
         "",
         f"Macro precision@1 of the {result['precision']} bundle over "
         f"{len(s['per_relation'])} relations: "
