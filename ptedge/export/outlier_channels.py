@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ptedge.export.quant_graph import insert_nodes
+
 FACTOR = 2.0  # an outlier spans more than FACTOR x the widest channel past MAX_CHANNELS
 MAX_CHANNELS = 8  # float channels per tensor, at most
 SUFFIX = ".outliers"  # node and initializer names of the float path: <tensor>.outliers.*
@@ -37,7 +39,7 @@ def outliers(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     (C,), widened to hold 0); empty when there are none."""
     span = np.maximum(hi, 0) - np.minimum(lo, 0)  # (C,)
     if len(span) <= MAX_CHANNELS:
-        return np.flatnonzero(span < 0)
+        return np.zeros(0, np.int64)
     ref = np.sort(span)[::-1][MAX_CHANNELS]  # the widest span past the MAX_CHANNELS widest
     return np.flatnonzero(span > FACTOR * ref)
 
@@ -120,7 +122,7 @@ def add_float_path(model, chosen: dict[str, np.ndarray], weights: dict[str, np.n
         gather = helper.make_node(
             "Gather", [x, f"{tag}.idx"], [f"{tag}.x"], name=f"{tag}.gather", axis=-1
         )
-        _insert(g, list(g.node).index(q), [mask_node, gather])
+        insert_nodes(g, list(g.node).index(q), [mask_node, gather])
         q.input[0] = f"{tag}.masked"
         for k, mm in enumerate(users):
             w = weights[mm.name.removesuffix("_quant")][idx]  # (K, O)
@@ -131,12 +133,7 @@ def add_float_path(model, chosen: dict[str, np.ndarray], weights: dict[str, np.n
                 "MatMul", [f"{tag}.x", f"{part}.w"], [f"{part}.float"], name=f"{part}.matmul"
             )
             total = helper.make_node("Add", [f"{part}.int8", f"{part}.float"], [y], name=part)
-            _insert(g, list(g.node).index(mm) + 1, [product, total])
+            insert_nodes(g, list(g.node).index(mm) + 1, [product, total])
             matmuls += 1
         channels += len(idx)
     return {"matmuls": matmuls, "channels": channels, "factor": FACTOR}
-
-
-def _insert(graph, pos: int, nodes: list) -> None:
-    for k, n in enumerate(nodes):
-        graph.node.insert(pos + k, n)

@@ -15,7 +15,8 @@
   rows included, each row or block with its own scale. onnxruntime's own Gather
   quantization uses one scale for the whole table, which would crush the prompt rows.
 - pieces other rewrites share (``ptedge.export.smooth_int8`` too): ``tensor_values``
-  (intermediate tensors on calibration records), ``symmetric_int8``, ``replace_node``.
+  (intermediate tensors on calibration records), ``symmetric_int8``, ``replace_node``,
+  ``insert_nodes``.
 
 Not responsible for: choosing a recipe or checking accuracy (``ptedge.export.quantize``),
 fusing (``ptedge.export.fusion``).
@@ -253,8 +254,13 @@ def replace_node(model, old, new: list) -> None:
     g = model.graph
     pos = list(g.node).index(old)
     g.node.remove(old)
-    for k, n in enumerate(new):
-        g.node.insert(pos + k, n)
+    insert_nodes(g, pos, new)
+
+
+def insert_nodes(graph, pos: int, nodes: list) -> None:
+    """Put ``nodes`` into ``graph`` at position ``pos``, in order, in place."""
+    for k, n in enumerate(nodes):
+        graph.node.insert(pos + k, n)
 
 
 def quantize_embedding_rows(model) -> str | None:

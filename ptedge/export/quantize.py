@@ -94,7 +94,7 @@ def _static_int8(fp32: Path, out: Path, ctx: Context) -> dict:
         names = [n.input[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"]
         ranges = qg.channel_ranges(src, names, ctx.calibration)
         chosen = oc.plan(model, ranges)
-        weights = oc.float_weights(onnx.load(str(src)), chosen)
+        weights = oc.float_weights(onnx.load(str(src)), chosen) if chosen else {}
     qg.static_activations(
         model, {x: oc.tensor_range(lo, hi, chosen.get(x)) for x, (lo, hi) in ranges.items()}
     )
