@@ -292,7 +292,10 @@ def _is_bundle(path: str) -> bool:
     type=float,
     default=1.0,
     show_default=True,
-    help="Accuracy points int8/int4 may lose before the export is refused.",
+    help="Accuracy points int8/int4 may lose on a task's guard records before the export is "
+    "refused; a loss those records cannot tell from chance (a one-sided sign test over the "
+    "records the two graphs disagree on, p > 0.05) is not held against it. With several "
+    "tasks, their records together are judged the same way.",
 )
 @click.option(
     "--allow-accuracy-drop",
@@ -531,6 +534,14 @@ def info_cmd(bundle: str) -> None:
             f"{t['template']['template']!r}, pseudo ids {t['pseudo_ids']}, "
             f"parity max|diff| {par.get('max_abs_diff', float('nan')):.1e}"
         )
+        g = (q or {}).get("guard", {}).get(name)
+        if g:
+            chance = f", {g['lost']} lost, {g['gained']} gained, p {g['p']:.3f}" if "p" in g else ""
+            click.echo(
+                f"guard      {name}: fp32 {g['fp32_accuracy']:.4f}, {q['precision']} "
+                f"{g['quantized_accuracy']:.4f} on {g['data']['n']} records of "
+                f"{g['data']['file']}{chance}"
+            )
 
 
 @main.command("import-peft")

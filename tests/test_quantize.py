@@ -202,7 +202,18 @@ def _strings(x):
         yield x
 
 
-def test_guard_refuses_force_does_not_bypass_it_allow_drop_does(tiny_runs, tmp_path):
+@pytest.fixture
+def every_loss_counts(monkeypatch):
+    """The guard without its allowance for chance: with a negative --max-drop, every
+    recipe fails it."""
+    import ptedge.export.guard
+
+    monkeypatch.setattr(ptedge.export.guard, "SIGNIFICANCE", 1.0)
+
+
+def test_guard_refuses_force_does_not_bypass_it_allow_drop_does(
+    tiny_runs, tmp_path, every_loss_counts
+):
     runs, data = tiny_runs
     out = tmp_path / "int8"
     out.mkdir()
@@ -229,14 +240,18 @@ def test_guard_refuses_force_does_not_bypass_it_allow_drop_does(tiny_runs, tmp_p
         "sha256": sha256_file(data),
         "n": len(read_records(data)),
     }
-    assert {"fp32_accuracy", "quantized_accuracy"} <= guard.keys()
+    assert {"fp32_accuracy", "quantized_accuracy", "lost", "gained", "p"} <= guard.keys()
+    n = guard["data"]["n"]
+    assert guard["quantized_accuracy"] - guard["fp32_accuracy"] == pytest.approx(
+        (guard["gained"] - guard["lost"]) / n
+    )
     # nothing of the exporting machine's file system in the shipped manifest
     manifest = json.loads((out / "ptedge.json").read_text())
     machine = {str(tmp_path), str(data.parent), str(runs["bert"])}
     assert not [s for s in _strings(manifest) if any(p in s for p in machine)]
 
 
-def test_cli_force_and_allow_accuracy_drop_are_separate(tiny_runs, tmp_path):
+def test_cli_force_and_allow_accuracy_drop_are_separate(tiny_runs, tmp_path, every_loss_counts):
     from click.testing import CliRunner
 
     from ptedge.cli import main
@@ -250,6 +265,9 @@ def test_cli_force_and_allow_accuracy_drop_are_separate(tiny_runs, tmp_path):
     assert not out.exists()
     res = CliRunner().invoke(main, [*base, "--allow-accuracy-drop"])
     assert res.exit_code == 0, res.output
+    info = CliRunner().invoke(main, ["info", str(out)]).output
+    assert "guard      bert: fp32 " in info and f"records of {data.name}, " in info
+    assert " lost, " in info and " gained, p " in info
     res = CliRunner().invoke(main, [*base, "--allow-accuracy-drop"])
     assert res.exit_code != 0 and "--force" in res.output  # out is not empty now
     shutil.rmtree(out)

@@ -75,22 +75,10 @@ def main() -> None:
     manual = json.loads(ptedge("eval", f"{work}/{rel}-manual", "--data", test))
     tuned = json.loads(ptedge("eval", f"{work}/{rel}", "--data", test))
     bundle = f"{work}/bundle-int8"
-    # the guard scores int8 against fp32 on P37's 92 scored dev facts: one fact is 1.09
-    # points, and which facts flip varies from run to run (float reductions follow the
-    # thread count), so allow 3 points = 2 facts here; when weight-only int8 loses more
-    # (3 facts in one run), the guard's last recipe, weight-only-float, lost 1. The
-    # manifest records what was measured.
-    ptedge(
-        "export",
-        f"{work}/{rel}",
-        "--out",
-        bundle,
-        "--quantize",
-        "int8",
-        "--max-drop",
-        "3",
-        "--force",
-    )
+    # the guard scores int8 against fp32 on P37's 92 scored dev facts, one fact being 1.09
+    # points: a fact or two lost is within chance there (ptedge.export.guard), so the
+    # default --max-drop serves; the manifest records what was measured
+    ptedge("export", f"{work}/{rel}", "--out", bundle, "--quantize", "int8", "--force")
     deployed = json.loads(ptedge("eval", bundle, "--data", test))
 
     sys.path.insert(0, str(ROOT))

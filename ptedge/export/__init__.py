@@ -10,8 +10,9 @@ One module per job, each importing only those listed before it (never back up):
 - ``task_graph``, ``decoder``: ONNX export of classification/vocabulary task graphs and
   of KV-cache decoders by tracing (TorchScript, optimum);
 - ``bundle``: the manifest, file hashes, atomic writing;
+- ``guard``: the accuracy guard that decides which quantized graph ships;
 - ``quant_graph``, ``quantize``: the graph rewrites quantization is made of, and the
-  int8/int4 recipes with the accuracy guard that decides which one ships;
+  int8/int4 recipes, tried under the guard;
 - ``builder``, ``decoder_graph``: onnxruntime-genai's model builder in its own
   environment, and the edits that graft prompt rows and task heads into its graphs;
 - ``causal``: Llama-style causal LMs through the builder (task graphs, decoders, their

@@ -158,8 +158,9 @@ def build_decoder(run, path: Path, recipe: tuple = ("fp32", {}, None)) -> dict:
 
 def quantize_guarded(fp32: Path, out: Path, runs, args) -> dict:
     """The first recipe of ``RECIPES[args.quantize]`` whose graph keeps every task within
-    ``args.max_drop`` points of the fp32 graph (``ptedge.export.quantize.guard``)."""
-    from ptedge.export.quantize import calibration_feeds, guard
+    ``args.max_drop`` points of the fp32 graph (``ptedge.export.guard``)."""
+    from ptedge.export.guard import guard
+    from ptedge.export.quantize import calibration_feeds
 
     generative = runs[0].cfg.head == "generate"
     recipes = RECIPES[args.quantize]

@@ -2,10 +2,10 @@
 decides which one ships.
 
 ``RECIPES`` is the one table of recipes: each is a small function from the fp32 graph to
-a quantized one, with its name, precision and description; the guard tries the recipes
-of the asked precision that suit the backbone, in table order, until every task stays
-within ``--max-drop`` accuracy points of fp32 on its guard data. A new recipe is a
-function and a row.
+a quantized one, with its name, precision and description; the guard (``ptedge.export.guard``)
+tries the recipes of the asked precision that suit the backbone, in table order, until
+every task stays within ``--max-drop`` accuracy points of fp32 on its guard data (a loss
+the guard records cannot tell from chance aside). A new recipe is a function and a row.
 
 Every recipe gives a record the same answer whatever else is in its batch: activation
 scales are constants calibrated at export (``static``), computed per block of each
@@ -32,26 +32,25 @@ Task heads (label heads, linear heads, the LM head) stay float in every recipe: 
 int8 of SmolLM2's LM head changed its top-1 answers.
 
 Not responsible for: exporting, the graph rewrites themselves
-(``ptedge.export.quant_graph``), fp32 parity tolerances.
+(``ptedge.export.quant_graph``), judging accuracy (``ptedge.export.guard``), fp32 parity
+tolerances.
 """
 
 from __future__ import annotations
 
 import random
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from ptedge.data import Records, labels_of, read_records
 from ptedge.export import outlier_channels as oc
 from ptedge.export import quant_graph as qg
 from ptedge.export.bundle import data_source
 from ptedge.export.fusion import encoder_shape, fuse_encoder
-from ptedge.export.scoring import graph_inputs, onnx_generate, onnx_scores
-from ptedge.targets import class_targets, exact_match, vocab_targets
+from ptedge.export.guard import guard
+from ptedge.export.scoring import graph_inputs
 from ptedge.template import record_fields
 
 CALIBRATION_RECORDS = 256  # records per task whose activations set the static int8 scales
@@ -206,36 +205,6 @@ def quantize(fp32: Path, out: Path, name: str, ctx: Context) -> dict:
     }
 
 
-def task_accuracy(session, run, records, targets) -> float:
-    if run.cfg.head == "generate":
-        texts = [run.tok.decode(t) for t in onnx_generate(session, run, records, 32)]
-        return exact_match(texts, targets)["accuracy"]
-
-    keep = [i for i, t in enumerate(targets) if t is not None]
-    correct = 0
-    for i in range(0, len(keep), 32):
-        idx = keep[i : i + 32]
-        pred = onnx_scores(session, run, [records[j] for j in idx]).argmax(-1)
-        correct += sum(int(p) == targets[j] for p, j in zip(pred, idx, strict=True))
-    return correct / max(1, len(keep))
-
-
-def guard_data(run, args):
-    """(path, records, targets) the guard scores a task on."""
-    path = args.eval_file or run.cfg.dev_file or run.cfg.train_file
-    recs = read_records(path)
-    if len(recs) > args.eval_max:
-        idx = sorted(random.Random(0).sample(range(len(recs)), args.eval_max))
-        recs = Records(recs.path, [recs[i] for i in idx], [recs.lines[i] for i in idx])
-    if run.cfg.head == "generate":
-        targets = labels_of(recs, run.cfg.label_field)
-    elif run.cfg.labels is None:
-        targets = vocab_targets(recs, run.cfg.label_field, run.compiled, run.tok)
-    else:
-        targets = class_targets(recs, run.cfg.label_field, run.cfg.labels)
-    return path, recs, targets
-
-
 def calibration_feeds(runs, data: dict) -> tuple[list[dict], dict]:
     """Feeds of ``CALIBRATION_RECORDS`` records per task, one record each (no padding),
     drawn (seeded) from each task's guard data ``data``; and task -> where they came from."""
@@ -266,8 +235,9 @@ def _context(fp32: Path, runs, data: dict) -> Context:
 
 
 def quantize_guarded(fp32: Path, out: Path, runs, args) -> dict:
-    """A quantized graph that keeps every task within ``max_drop`` accuracy points of fp32:
-    ``guard`` over ``recipes_for(args.quantize, ...)``, written by ``quantize``."""
+    """A quantized graph that keeps every task within ``max_drop`` accuracy points of fp32
+    (losses within chance aside): ``ptedge.export.guard.guard`` over
+    ``recipes_for(args.quantize, ...)``, written by ``quantize``."""
     ctx: list[Context] = []  # made once, from the guard data, by the first recipe
 
     def write(name: str, data: dict) -> dict:
@@ -277,64 +247,3 @@ def quantize_guarded(fp32: Path, out: Path, runs, args) -> dict:
 
     names = [r.name for r in recipes_for(args.quantize, runs[0].cfg.causal)]
     return guard(fp32, out, runs, args, names, write)
-
-
-def guard(
-    fp32: Path, out: Path, runs, args, names: list[str], write: Callable[[str, dict], dict]
-) -> dict:
-    """Try the recipes ``names`` in order: ``write(name, data)`` writes one's graph to
-    ``out`` and returns what the manifest says of it (``data``: each task's guard data);
-    each task is measured on its guard data and the first recipe within ``args.max_drop``
-    points of the fp32 graph is kept. If none is, the export is refused, or with
-    ``args.allow_accuracy_drop`` the recipe that lost least is written. Returns the kept
-    recipe's description with the guard's measurements."""
-    import onnxruntime as ort
-
-    def session(p):
-        return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
-
-    precision = args.quantize
-    data = {run.name: guard_data(run, args) for run in runs}
-    ref = session(fp32)
-    base = {r.name: task_accuracy(ref, r, *data[r.name][1:]) for r in runs}
-    del ref
-    tried = []
-    for name in names:
-        info = write(name, data)
-        s = session(out)
-        measured = {}
-        for run in runs:
-            path, recs, targets = data[run.name]
-            acc = task_accuracy(s, run, recs, targets)
-            measured[run.name] = {
-                "data": {**data_source(path), "n": sum(t is not None for t in targets)},
-                "fp32_accuracy": base[run.name],
-                "quantized_accuracy": acc,
-            }
-            print(
-                f"{precision} guard ({name}) {run.name}: fp32 {base[run.name]:.4f}, "
-                f"{precision} {acc:.4f} ({100 * (base[run.name] - acc):+.2f} points lost) on "
-                f"{measured[run.name]['data']['n']} records of {Path(path).name}",
-                file=sys.stderr,
-            )
-        del s
-        worst = max(100 * (g["fp32_accuracy"] - g["quantized_accuracy"]) for g in measured.values())
-        worst = round(worst, 9)  # 100 * (0.90 - 0.89) is 1.0000000000000009, not 1
-        info |= {"guard": measured, "max_drop_points": worst}
-        if worst <= args.max_drop:
-            return info
-        tried.append((worst, name, info))
-    worst, name, info = min(tried, key=lambda t: t[0])
-    if not args.allow_accuracy_drop:
-        raise ValueError(
-            f"{precision} loses up to {worst:.2f} accuracy points even with recipe {name!r} "
-            f"(limit --max-drop {args.max_drop}); use --allow-accuracy-drop to write it anyway"
-        )
-    print(
-        f"warning: writing {precision} past --max-drop (--allow-accuracy-drop): {worst:.2f} "
-        "points lost",
-        file=sys.stderr,
-    )
-    if name != names[-1]:
-        info = write(name, data) | {"guard": info["guard"], "max_drop_points": worst}
-    return info

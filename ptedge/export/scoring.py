@@ -4,7 +4,7 @@ The one place that turns records into a graph's feeds and reads its outputs at e
 time: task graphs (``onnx_scores``), KV-cache decoders (``onnx_generate``), and the
 unfused PyTorch model they are compared with (``unfused_scores``, ``torch_generate``).
 Both the parity checks (``ptedge.export.parity``) and the int8 guard
-(``ptedge.export.quantize``) build on it.
+(``ptedge.export.guard``) build on it.
 
 Not responsible for: tolerances and verdicts (``parity``), the torch-free runtime
 (``ptedge.runtime`` has its own, equivalent encoding of feeds).

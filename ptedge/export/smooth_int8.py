@@ -31,7 +31,7 @@ per group chosen by its output error, gave no smaller score error on dev
 (``docs/results/analyses.md``).
 
 Not responsible for: building the float graph (``ptedge.export.causal``), choosing the
-recipe or checking accuracy (``ptedge.export.quantize.guard``).
+recipe or checking accuracy (``ptedge.export.guard``).
 """
 
 from __future__ import annotations
