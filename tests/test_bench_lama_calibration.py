@@ -62,3 +62,29 @@ def test_dev_crossfit_scores_every_rule_on_held_out_halves():
     assert all(row["n"] == 1800 for row in res.values())
     fitted = res["one for all relations, NLL"]["ece"]
     assert fitted < res["raw (T = 1)"]["ece"] / 2
+
+
+def test_the_report_says_what_the_int8_guard_measured():
+    def task(n, fp32, q, lost, gained, p):
+        return {
+            "data": {"n": n},
+            "fp32_accuracy": fp32,
+            "quantized_accuracy": q,
+            "lost": lost,
+            "gained": gained,
+            "p": p,
+        }
+
+    q = {
+        "recipe": "int8-token",
+        "guard": {
+            "P1": task(11, 0.5, 0.5 - 1 / 11, 1, 0, 0.5),
+            "P2": task(80, 0.5, 0.5, 2, 2, 0.69),
+        },
+        "guard_all_tasks": {"points": 1.1, "lost": 3, "gained": 2, "p": 0.5},
+    }
+    line = lc._guard_lines(q)[0]
+    assert "`int8-token`" in line and "over all 91 scorable dev facts +1.10 points" in line
+    assert "1 relations past 1 point alone" in line and "P1 1/0 of 11 (p 0.50)" in line
+    assert "P2" not in line
+    assert lc._guard_lines(None) == []

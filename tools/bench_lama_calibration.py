@@ -21,7 +21,7 @@ and reports:
     python tools/bench_lama_calibration.py --relations P37,P30
 
 Training runs one thread each, ``--workers`` at a time, kept under ``--work`` (a relation
-whose run is there is not retrained). Writes docs/results/lama_calibration.{json,md}.
+whose run is there is not retrained). Writes docs/results/lama_calibration_PRECISION.{json,md}.
 
 Not for: comparing with PEFT or manual prompts (``tools/bench_quality.py``).
 """
@@ -215,6 +215,35 @@ def _ece_table(rows: dict) -> list[str]:
     return head + [f"| {k} | {f(r['ece'])} | {f(r['floor'])} | {r['n']} |" for k, r in rows.items()]
 
 
+def _guard_lines(q: dict | None) -> list[str]:
+    """What the int8 guard measured on the relations' dev facts, for the report."""
+    if not q:
+        return []
+    g, every = q["guard"], q.get("guard_all_tasks")
+    past = [r for r, m in g.items() if 100 * (m["fp32_accuracy"] - m["quantized_accuracy"]) > 1]
+    lines = [
+        f"int8 recipe `{q['recipe']}`, kept by the guard at the default `--max-drop 1`: "
+        + (
+            f"over all {sum(m['data']['n'] for m in g.values())} scorable dev facts "
+            f"{every['points']:+.2f} points ({every['lost']} lost, {every['gained']} gained, "
+            f"p {every['p']:.3f}); "
+            if every
+            else ""
+        )
+        + f"{len(past)} relations past 1 point alone, each within chance: "
+        + (
+            ", ".join(
+                f"{r} {g[r]['lost']}/{g[r]['gained']} of {g[r]['data']['n']} (p {g[r]['p']:.2f})"
+                for r in past
+            )
+            or "none"
+        )
+        + " (facts lost/gained of the scorable dev facts).",
+        "",
+    ]
+    return lines
+
+
 def markdown(result: dict) -> str:
     f = bc.fmt
     s = result["summary"]
@@ -242,6 +271,7 @@ def markdown(result: dict) -> str:
         f"{len(s['per_relation'])} relations: "
         f"{f(s['macro_p_at_1'])}.",
         "",
+        *_guard_lines(result.get("quantization")),
         "## Per relation",
         "",
         "| relation | test n (skipped) | dev n | P@1 | T | ECE raw → calibrated | floor |",
@@ -299,10 +329,12 @@ def main(argv: list[str] | None = None) -> None:
         "relations": rels,
         "precision": a.precision,
         "summary": summarise(rels, dev, test),
+        "quantization": json.loads((bundle / "ptedge.json").read_text())["quantization"],
         "wall_s": time.perf_counter() - t0,
     }
-    bc.write_report(Path(a.out), "lama_calibration", result, markdown(result))
-    bc.log(f"wrote {Path(a.out) / 'lama_calibration.json'} and lama_calibration.md")
+    name = f"lama_calibration_{a.precision}"
+    bc.write_report(Path(a.out), name, result, markdown(result))
+    bc.log(f"wrote {Path(a.out) / name}.json and {name}.md")
 
 
 if __name__ == "__main__":
