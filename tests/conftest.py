@@ -177,6 +177,15 @@ def tiny(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def every_loss_counts(monkeypatch):
+    """The int8/int4 guard without its allowance for chance: with a negative --max-drop,
+    every recipe fails it."""
+    import ptedge.export.guard
+
+    monkeypatch.setattr(ptedge.export.guard, "SIGNIFICANCE", 1.0)
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

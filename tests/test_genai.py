@@ -129,10 +129,7 @@ def manifest_nodes(folder) -> dict[str, int]:
     return collections.Counter(n.op_type for n in graph.node)
 
 
-def test_int4_decoder_is_guarded_and_genai_loadable(gen_run, tmp_path, monkeypatch):
-    import ptedge.export.guard
-
-    monkeypatch.setattr(ptedge.export.guard, "SIGNIFICANCE", 1.0)  # every loss counts
+def test_int4_decoder_is_guarded_and_genai_loadable(gen_run, tmp_path, every_loss_counts):
     out = tmp_path / "int4"
     with pytest.raises(ValueError, match="int4 loses"):
         export(

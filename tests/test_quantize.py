@@ -202,15 +202,6 @@ def _strings(x):
         yield x
 
 
-@pytest.fixture
-def every_loss_counts(monkeypatch):
-    """The guard without its allowance for chance: with a negative --max-drop, every
-    recipe fails it."""
-    import ptedge.export.guard
-
-    monkeypatch.setattr(ptedge.export.guard, "SIGNIFICANCE", 1.0)
-
-
 def test_guard_refuses_force_does_not_bypass_it_allow_drop_does(
     tiny_runs, tmp_path, every_loss_counts
 ):

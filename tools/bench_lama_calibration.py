@@ -221,7 +221,7 @@ def _guard_lines(q: dict | None) -> list[str]:
         return []
     g, every = q["guard"], q.get("guard_all_tasks")
     past = [r for r, m in g.items() if 100 * (m["fp32_accuracy"] - m["quantized_accuracy"]) > 1]
-    lines = [
+    return [
         f"int8 recipe `{q['recipe']}`, kept by the guard at the default `--max-drop 1`: "
         + (
             f"over all {sum(m['data']['n'] for m in g.values())} scorable dev facts "
@@ -241,7 +241,6 @@ def _guard_lines(q: dict | None) -> list[str]:
         + " (facts lost/gained of the scorable dev facts).",
         "",
     ]
-    return lines
 
 
 def markdown(result: dict) -> str:

@@ -75,8 +75,9 @@ def loss(base: list[bool], quant: list[bool]) -> dict:
     ``lost`` (only fp32 right) and ``gained`` (only the quantized graph right), and ``p``,
     the chance of losing at least ``lost`` of the ``lost + gained`` disagreements were
     each a fair coin (1 when they never disagree)."""
-    lost = sum(b and not q for b, q in zip(base, quant, strict=True))
-    gained = sum(q and not b for b, q in zip(base, quant, strict=True))
+    pairs = list(zip(base, quant, strict=True))
+    lost = sum(b and not q for b, q in pairs)
+    gained = sum(q and not b for b, q in pairs)
     m = lost + gained
     p = sum(math.comb(m, k) for k in range(lost, m + 1)) / 2**m
     points = round(100 * (lost - gained) / max(1, len(base)), 9)  # 1.0000000000000009 is 1
@@ -140,16 +141,15 @@ def guard(
                 f"{m['data']['n']} records of {Path(data[run.name][0]).name}",
                 file=sys.stderr,
             )
+        worst = max(costs[r.name]["points"] for r in runs)
+        info |= {"guard": measured, "max_drop_points": worst}
         if ALL_TASKS in costs:
+            info["guard_all_tasks"] = costs[ALL_TASKS]
             n = sum(map(len, quant.values()))
             print(
                 f"{precision} guard ({name}) {ALL_TASKS}: {_said(costs[ALL_TASKS])} on {n} records",
                 file=sys.stderr,
             )
-        worst = max(c["points"] for t, c in costs.items() if t != ALL_TASKS)
-        info |= {"guard": measured, "max_drop_points": worst}
-        if ALL_TASKS in costs:
-            info["guard_all_tasks"] = costs[ALL_TASKS]
         if not failing:
             for task, cost in costs.items():
                 if cost["points"] > args.max_drop:
