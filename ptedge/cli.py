@@ -344,7 +344,8 @@ def _is_bundle(path: str) -> bool:
     type=float,
     default=defaults.REJECT_MAX_DROP,
     show_default=True,
-    help="In-scope dev accuracy points the rejection threshold may cost.",
+    help="In-scope accuracy points the rejection threshold may cost: on dev, the loss plus "
+    "its one-sided 95% margin stays within this, so new records lose no more either.",
 )
 @_user_errors
 def export_cmd(

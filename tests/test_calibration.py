@@ -60,9 +60,40 @@ def test_rejection_threshold_keeps_accuracy_within_the_stated_loss():
     conf = np.array([0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])
     correct = np.array([0, 1, 0, 1, 1, 1, 1, 1, 1, 1], dtype=bool)  # 8 of 10 right
     # rejecting below 0.3 loses nothing (0.2 was wrong); below 0.4 loses one right record
+    assert calibration.rejection_threshold(conf, correct, max_drop=0, z=0) == 0.3
+    assert calibration.rejection_threshold(conf, correct, max_drop=10, z=0) == 0.5
+    assert calibration.rejection_threshold(conf, correct, max_drop=20, z=0) == 0.6
+    # with the margin, losing one of ten counts as 10 + 1.645 * 9.5 = 25.6 points
     assert calibration.rejection_threshold(conf, correct, max_drop=0) == 0.3
-    assert calibration.rejection_threshold(conf, correct, max_drop=10) == 0.5
-    assert calibration.rejection_threshold(conf, correct, max_drop=20) == 0.6
+    assert calibration.rejection_threshold(conf, correct, max_drop=20) == 0.3
+    assert calibration.rejection_threshold(conf, correct, max_drop=26) == 0.5
+
+
+def test_rejection_threshold_holds_the_loss_on_new_records_within_the_budget():
+    """A threshold chosen on 2,000 dev records to lose at most 2 points, applied to new
+    records of the same kind: spending the budget exactly on dev overshoots it on about
+    half of the draws; with the margin, on few (a one-sided 95% bound)."""
+    rng = np.random.default_rng(0)
+
+    def draw(n):  # confidence, correct: right records are surer on average
+        ok = rng.random(n) < 0.95
+        return np.where(ok, rng.beta(8, 1, n), rng.beta(2, 2, n)), ok
+
+    test_conf, test_ok = draw(200_000)
+    over = {0.0: 0, calibration.REJECT_Z: 0}
+    for _ in range(40):
+        conf, ok = draw(2000)
+        for z in over:
+            t = calibration.rejection_threshold(conf, ok, max_drop=2, z=z)
+            over[z] += 100 * np.mean(test_ok & (test_conf < t)) > 2
+    assert over[0.0] >= 10 and over[calibration.REJECT_Z] <= 6, over
+
+
+def test_loss_bound():
+    assert calibration.loss_bound(0, 2000) == 0.0
+    assert calibration.loss_bound(40, 2000, z=0) == pytest.approx(2.0)
+    margin = 164.5 * (0.015 * 0.985 / 2000) ** 0.5  # points
+    assert calibration.loss_bound(30, 2000) == pytest.approx(1.5 + margin)
 
 
 # -- export and runtime (tiny backbone) ----------------------------------------------------

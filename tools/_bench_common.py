@@ -30,7 +30,10 @@ DATA = ROOT.parent / "shared" / "data"
 
 # What ``ptedge export`` writes, as far as cached bundles are concerned: part of every
 # bundle's cache parameters, so bump it when export output changes (bundles are rebuilt).
-EXPORT_REV = "5: static int8 (encoders), int4, causal LM builder graphs, rejection temperature"
+EXPORT_REV = (
+    "6: static int8 with float outlier channels, int4, causal LM builder graphs, "
+    "rejection with a margin"
+)
 
 # -- prompts shared by both benchmarks ----------------------------------------------------
 # BANKING77 on MiniLM (linear head): 6 pseudo tokens around the text; PEFT gets 6 virtual

@@ -919,13 +919,19 @@ def markdown(result: dict) -> str:
         paper = CLINC_PAPER
         drop = 100 * (i8["accuracy_without_rejection"] - i8["in_scope_accuracy"])
         ok = oos["oos_recall"] >= paper["bert"]["oos_recall"] and drop <= 2
+        dev = rej.get("dev", {})
+        dev_loss = 100 * (dev.get("accuracy", 0) - dev.get("accuracy_kept", 0))
+        bound = dev.get("loss_bound_points")
+        spent = f"{dev_loss:.2f} points on {dev.get('n')} dev records" + (
+            f", one-sided 95% upper bound {bound:.2f}" if bound is not None else ""
+        )
         lines += [
             "## CLINC150 out-of-scope rejection (int8 bundle)",
             "",
             f"`{clinc['export_commands']['int8']}`: threshold {f(rej.get('threshold'), 4)} on "
             f"the top probability at temperature {f(rej.get('temperature'), 3)} (chosen with "
             f"it on dev: the most of `oos_dev.csv` rejected, losing at most "
-            f"{rej.get('max_drop_points')} in-scope points).",
+            f"{rej.get('max_drop_points')} in-scope points; it lost {spent}).",
             "",
             "| system | in-scope accuracy | out-of-scope recall |",
             "|---|---:|---:|",

@@ -3,7 +3,8 @@
 For each task with labels (or open vocabulary), the shipped graph (fp32, int8 or fp16:
 whatever the bundle will run) scores the task's dev records; a temperature is fitted on
 them (``ptedge.calibration``), and with ``--reject FILE`` a probability threshold is
-chosen that keeps in-scope dev accuracy within ``--reject-max-drop`` points, at the
+chosen that keeps in-scope accuracy within ``--reject-max-drop`` points (the dev loss plus
+its one-sided 95% margin, so that new records stay within it too), at the
 rejection temperature that rejects most of FILE's records (``rejection_rule``). Both go
 into the task's manifest entry, which every client applies (``docs/bundle-format.md`` §7).
 
@@ -136,8 +137,8 @@ def _reject(session, run, reject_file: str, scores, correct, temperature: float,
     _log(
         f"rejection {run.name}: top probability at temperature {t_reject:.3f} below "
         f"{threshold:.4f}; dev in-scope accuracy {correct.mean():.4f} -> "
-        f"{rule['accuracy_kept']:.4f} "
-        f"(at most {max_drop:g} points lost), out-of-scope recall {rule['recall']:.4f} on "
+        f"{rule['accuracy_kept']:.4f} (upper bound on the loss {rule['loss_bound']:.2f} "
+        f"points, at most {max_drop:g}), out-of-scope recall {rule['recall']:.4f} on "
         f"{len(oos)} records of {Path(reject_file).name}"
     )
     return {
@@ -148,6 +149,7 @@ def _reject(session, run, reject_file: str, scores, correct, temperature: float,
             "n": len(correct),
             "accuracy": float(correct.mean()),
             "accuracy_kept": rule["accuracy_kept"],
+            "loss_bound_points": rule["loss_bound"],
         },
         "out_of_scope": {**data_source(reject_file), "n": len(oos), "recall": rule["recall"]},
         "tried": rule["tried"],
