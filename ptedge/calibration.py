@@ -164,14 +164,14 @@ def rejection_rule(
         top = probabilities(scores, t).max(-1)
         threshold = rejection_threshold(top, correct, max_drop)
         recall = float(np.mean(probabilities(oos, t).max(-1) < threshold)) if len(oos) else 0.0
-        lost = int(np.sum(correct & (top < threshold)))
+        kept = correct & (top >= threshold)  # (N,) right and not rejected
         tried.append(
             {
                 "temperature": t,
                 "threshold": threshold,
                 "recall": recall,
-                "accuracy_kept": float(np.mean(correct & (top >= threshold))),
-                "loss_bound": float(loss_bound(lost, len(top))),
+                "accuracy_kept": float(kept.mean()),
+                "loss_bound": float(loss_bound(int(correct.sum() - kept.sum()), len(top))),
             }
         )
     best = max(tried, key=lambda r: r["recall"])  # max() keeps the first of equals
