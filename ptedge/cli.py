@@ -170,9 +170,9 @@ def _verbalizer(value: str | None) -> dict[str, str] | None:
 @click.option(
     "--max-length",
     type=int,
-    default=128,
-    show_default=True,
-    help="Max tokens per record; only {field} text is truncated.",
+    help="Max tokens per record, template included; only {field} text is truncated. "
+    "Default: 128, or the longest training record's length where that is more (at most 512 "
+    "and the backbone's limit); the choice and how many records it cuts are printed.",
 )
 @click.option("--eval-every", type=int, help="Steps between dev evaluations (default steps/5).")
 @click.option(

@@ -153,6 +153,53 @@ def batch_size(head: str) -> Choice:
     return Choice(LM_BATCH, "the paper's batch; a causal LM's activations fit a 24 GB machine")
 
 
+MAX_LENGTH = 128  # tokens per record, template included, when every training record fits
+MAX_LENGTH_CAP = 512  # the most the default grows to for longer training records
+
+
+def max_length(lengths: list[int], limit: int | None) -> Choice:
+    """Tokens per record (template included) when --max-length is not given.
+
+    ``lengths``: each training record's tokens under the template, nothing truncated
+    (``ptedge.template.lengths``); ``limit``: the backbone's position limit, if it has one.
+    ``MAX_LENGTH`` when every record fits in it; otherwise the longest record's length,
+    within ``limit`` and ``MAX_LENGTH_CAP``. Truncation cuts the end of a record's text,
+    where its label may lie (a review's verdict, a ticket's question); batches are padded
+    only to their own longest record, so short records cost no more for it. The cap
+    bounds a step's time and memory: attention grows with the square of the length.
+    Every shared task's records fit in 128 tokens (longest 105, BANKING77), so its runs
+    are unchanged.
+    """
+    longest = max(lengths, default=0)
+    ceiling = min(MAX_LENGTH_CAP, limit) if limit else MAX_LENGTH_CAP
+    value = min(max(MAX_LENGTH, longest), ceiling)
+    cut = sum(n > value for n in lengths)
+    if cut:
+        bound = (
+            f"the backbone reads at most {limit} tokens"
+            if ceiling == limit
+            else f"ptedge picks at most {MAX_LENGTH_CAP}: a step's time grows with the square "
+            "of the length"
+        )
+        return Choice(
+            value,
+            f"{cut} of {len(lengths)} training records are longer than {value} tokens (longest "
+            f"{longest}) and lose the end of their text; {bound}. --max-length changes it",
+        )
+    if value > MAX_LENGTH:
+        return Choice(
+            value,
+            f"the longest training record takes {longest} tokens with the template; at "
+            f"{MAX_LENGTH}, {sum(n > MAX_LENGTH for n in lengths)} of {len(lengths)} would "
+            "lose the end of their text (a batch is padded to its own longest record)",
+        )
+    return Choice(
+        value,
+        f"every training record fits (longest {longest} tokens with the template); a longer "
+        "record at predict time is cut to fit and says so (`truncated`)",
+    )
+
+
 STEPS_MIN, STEPS_MAX = 300, 1000  # the linear head's default budget: one epoch, within these
 PER_LABEL = 250  # records seen per label, at least, by a linear head's default budget
 VOCAB_STEPS = 300  # default budget of a head that reads its answer from the vocabulary

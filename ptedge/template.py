@@ -287,14 +287,7 @@ def encode(
     generation training) appends those ids after the slot, uncounted in max length.
     """
     field_segs = [s for s in compiled["segments"] if "field" in s]
-    texts: list[str] = []
-    for r in records:
-        for s in field_segs:
-            value = r.get(s["field"])
-            if value is None:
-                raise ValueError(f"record is missing field {s['field']!r} (the template needs it)")
-            texts.append(s["prefix"] + str(value))
-    field_ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)] if texts else []
+    field_ids = _field_ids(compiled, tok, records)
     budget = compiled["max_length"] - _fixed_length(compiled)
     base = compiled["pseudo_base"]
     rows: list[list[int]] = []
@@ -336,6 +329,29 @@ def encode(
         rows.append(ids)
         slots.append(slot)
     return _pad(rows, slots, truncated, compiled["pad_id"], padding_side)
+
+
+def lengths(compiled: dict, tok: Tokenizer, records: list[dict]) -> list[int]:
+    """Tokens each record takes under the template with nothing truncated (specials,
+    pseudo tokens and the slot included): what ``max_length`` must be for it to fit."""
+    nf = sum("field" in s for s in compiled["segments"])
+    sizes = [len(ids) for ids in _field_ids(compiled, tok, records)]
+    fixed = _fixed_length(compiled)
+    return [fixed + sum(sizes[b * nf : (b + 1) * nf]) for b in range(len(records))]
+
+
+def _field_ids(compiled: dict, tok: Tokenizer, records: list[dict]) -> list[list[int]]:
+    """Token ids of each record's fields, record by record, field occurrences in order."""
+    texts: list[str] = []
+    for r in records:
+        for s in compiled["segments"]:
+            if "field" not in s:
+                continue
+            value = r.get(s["field"])
+            if value is None:
+                raise ValueError(f"record is missing field {s['field']!r} (the template needs it)")
+            texts.append(s["prefix"] + str(value))
+    return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)] if texts else []
 
 
 def _pad(

@@ -35,9 +35,24 @@ from ptedge import checkpoint, defaults, head_fit
 from ptedge.checks import check_records
 from ptedge.config import RunConfig
 from ptedge.data import Records, labels_of, read_records, require_fields, write_jsonl
-from ptedge.model import build_for_run, eos_id, is_causal, load_backbone, pad_id
+from ptedge.model import (
+    backbone_ids,
+    build_for_run,
+    eos_id,
+    is_causal,
+    load_backbone,
+    pad_id,
+)
 from ptedge.targets import accuracy, class_targets, exact_match, vocab_targets
-from ptedge.template import encode, fields_of, parse, pseudo_count
+from ptedge.template import (
+    compile_template,
+    encode,
+    fields_of,
+    lengths,
+    load_tokenizer,
+    parse,
+    pseudo_count,
+)
 
 METRICS = "metrics.jsonl"  # what repeats bit for bit: step, loss, lr, dev metrics
 TIMING = "timing.jsonl"  # wall-clock figures (samples_per_s), which never repeat
@@ -68,7 +83,7 @@ class TrainArgs:
     head_lr: float | None = None  # linear head's peak lr; None: ptedge.defaults.head_lr
     warmup: float = 0.06
     seed: int = 0
-    max_length: int = 128
+    max_length: int | None = None  # None: ptedge.defaults.max_length (from the records)
     eval_every: int | None = None
     log_every: int = 10
     save_every: int = 0  # steps between resumable checkpoints (0 = none)
@@ -350,6 +365,12 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
     chosen = _choose(args, head, model_dir, causal)
     if "batch_size" in chosen:
         args = replace(args, batch_size=chosen["batch_size"].value)
+    sizes = _record_lengths(args.template, backbone, model_dir, causal, train_recs)
+    if args.max_length is None:
+        limit = getattr(backbone.config, "max_position_embeddings", None)
+        chosen["max_length"] = defaults.max_length(sizes, limit)
+        args = replace(args, max_length=chosen["max_length"].value)
+    cut = sum(n > args.max_length for n in sizes)
     emb = backbone.base_model.get_input_embeddings().weight
     cfg = RunConfig(
         model=str(model_dir),
@@ -424,6 +445,12 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
                 write_jsonl(out / DEV_FILE, dev_recs)
             if progress:
                 _say_choices(chosen, dev_split, args)
+                if cut and "max_length" not in chosen:
+                    print(
+                        f"note: {cut} of {len(sizes)} training records are longer than "
+                        f"--max-length {args.max_length} tokens and lose the end of their text",
+                        file=sys.stderr,
+                    )
         cfg.steps = steps
         best_state = _fit(job, examples, steps, args, dev_eval, out, progress, (rank, world))
         if rank != 0:
@@ -445,6 +472,18 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         _plot(out / METRICS, out / CURVE)
         shutil.rmtree(out / checkpoint.CHECKPOINT, ignore_errors=True)  # finished: not needed
         return cfg
+
+
+def _record_lengths(
+    template: str, backbone, model_dir: Path, causal: bool, records: Records
+) -> list[int]:
+    """Tokens each record takes under ``template`` with nothing truncated."""
+    tok = load_tokenizer(model_dir)
+    mask_id, pad = backbone_ids(model_dir, backbone)
+    compiled = compile_template(
+        template, tok, causal=causal, mask_id=mask_id, pad_id=pad, max_length=sys.maxsize
+    )
+    return lengths(compiled, tok, list(records))
 
 
 def _head_dev(job, dev_recs: Records, seed: int) -> list:

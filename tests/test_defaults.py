@@ -54,6 +54,20 @@ def test_pool_follows_a_sentence_transformers_config(tmp_path):
     assert "1_Pooling" in defaults.pool(tmp_path).why
 
 
+def test_default_max_length_fits_the_longest_record_within_limits():
+    fits = defaults.max_length([12, 40, 105], limit=512)
+    assert fits.value == defaults.MAX_LENGTH and "longest 105" in fits.why
+    grown = defaults.max_length([12, 300, 140], limit=512)
+    assert grown.value == 300 and "2 of 3 would lose" in grown.why
+    capped = defaults.max_length([12, 900, 2000], limit=8192)
+    assert capped.value == defaults.MAX_LENGTH_CAP == 512
+    assert "2 of 3 training records are longer than 512" in capped.why
+    by_backbone = defaults.max_length([12, 900], limit=256)
+    assert by_backbone.value == 256 and "the backbone reads at most 256" in by_backbone.why
+    assert defaults.max_length([12, 100], limit=64).value == 64  # never past the positions
+    assert defaults.max_length([12, 300], limit=None).value == 300
+
+
 def test_default_steps_are_one_epoch_within_bounds():
     assert defaults.steps(16_000, 32).value == 500
     assert defaults.steps(640, 16).value == defaults.STEPS_MIN
@@ -138,7 +152,8 @@ def test_training_without_dev_carves_and_records_it(tiny, intents, tmp_path):
     assert cfg.dev_file == str((out / "dev.jsonl").resolve())
     dev = read_records(cfg.dev_file)
     assert Counter(r["intent"] for r in dev) == {"card": 15, "film": 10, "lang": 5}
-    assert set(cfg.defaults) == {"prompt_init", "pool", "head_lr", "head_refit"}  # no steps
+    assert set(cfg.defaults) == {"prompt_init", "pool", "head_lr", "head_refit", "max_length"}
+    assert cfg.defaults["max_length"]["value"] == cfg.max_length == defaults.MAX_LENGTH
     assert cfg.defaults["pool"]["value"] == "mean" and cfg.pool == "mean"
     assert cfg.defaults["head_lr"]["value"] == cfg.head_lr in defaults.HEAD_LRS  # on dev
     assert cfg.best["dev_n"] == 30  # selection ran on the carved split
@@ -264,3 +279,53 @@ def test_bench_lm_steps_compares_the_shipped_vocabulary_budget_with_the_epoch_ru
         defaults.steps(sst2_train, bl.BATCH, head="lm").value,
     ]
     assert bl.BATCH == defaults.LM_BATCH
+
+
+def _long(tmp_path, words: int):
+    """60 records of 3 intents, each ``words`` words long; the intent's word comes last."""
+    from conftest import write_jsonl
+
+    recs = [
+        {"text": " ".join(["the movie was great"] * (words // 4)) + f" {lab}", "intent": lab}
+        for lab in ("card", "film", "lang")
+        for _ in range(20)
+    ]
+    return write_jsonl(tmp_path / f"long{words}.jsonl", recs)
+
+
+def test_default_max_length_takes_the_longest_record_whole(tiny, tmp_path, monkeypatch):
+    from ptedge.model import build_for_run
+    from ptedge.template import encode
+
+    monkeypatch.setattr(defaults, "MAX_LENGTH", 16)  # tiny's 128 positions leave room to grow
+    data = _long(tmp_path, 40)
+    cfg = _train(tiny, data, tmp_path / "run")
+    _, tok, compiled, _ = build_for_run(cfg)
+    enc = encode(compiled, tok, read_records(data))
+    assert cfg.max_length == compiled["max_length"] == enc.attention_mask.sum(1).max() > 16
+    assert not enc.truncated.any()  # the intent's word, at the end, is read
+    assert cfg.defaults["max_length"]["value"] == cfg.max_length
+
+
+def test_records_past_the_backbone_limit_are_cut_and_the_run_says_so(tiny, tmp_path, capsys):
+    data = _long(tmp_path, 200)
+    cfg = _train(tiny, data, tmp_path / "run")
+    assert cfg.max_length == 128  # tiny BERT's positions
+    assert "60 of 60 training records are longer than 128" in cfg.defaults["max_length"]["why"]
+    from ptedge.train import TrainArgs, train
+
+    args = TrainArgs(
+        model=str(tiny("bert")),
+        train=str(data),
+        template="[P:2] {text} [MASK]",
+        label_field="intent",
+        out=str(tmp_path / "given"),
+        head="linear",
+        batch_size=4,
+        steps=2,
+        max_length=64,
+    )
+    cfg = train(args, progress=True)
+    assert "max_length" not in cfg.defaults and cfg.max_length == 64  # given, not chosen
+    err = capsys.readouterr().err
+    assert "note: 60 of 60 training records are longer than --max-length 64 tokens" in err

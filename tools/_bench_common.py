@@ -50,6 +50,10 @@ SST2_MANUAL = "Review: {sentence}\nSentiment: [MASK]"
 SST2_TEMPLATE = "[P:10] Review: {sentence}\nSentiment: [MASK]"
 SST2_PEFT_TEXT = "Review: {sentence}\nSentiment:"
 SST2_VIRTUAL = 10
+# tokens the baselines (PEFT's sequence classifier, the probe) read of a text: the whole of
+# it up to the encoder's 512 positions (less room for PEFT's virtual tokens), as ptedge's
+# default --max-length reads every training record whole up to 512 tokens
+BASELINE_TOKENS = 496
 # LAMA on SmolLM2: the paper's P-tuning template; PEFT: 6 virtual tokens, then the subject.
 LAMA_TEMPLATE = "[P:3] {sub_label} [P:3] [MASK]"
 LAMA_VIRTUAL = 6
@@ -506,7 +510,11 @@ class PeftTask:
         texts = [self.text(r) for r in records]
         if self.kind == "seq_cls":
             enc = self.tok(
-                texts, padding=True, truncation=True, max_length=128, return_tensors="pt"
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=BASELINE_TOKENS,
+                return_tensors="pt",
             )
             return model(**enc, labels=torch.tensor(targets)).loss
         answers = [self.label_ids[t] for t in targets] if self.label_ids else targets
@@ -524,7 +532,11 @@ class PeftTask:
                 texts = [self.text(r) for r in records[i : i + batch_size]]
                 if self.kind == "seq_cls":
                     enc = self.tok(
-                        texts, padding=True, truncation=True, max_length=128, return_tensors="pt"
+                        texts,
+                        padding=True,
+                        truncation=True,
+                        max_length=BASELINE_TOKENS,
+                        return_tensors="pt",
                     )
                     out += model(**enc).logits.argmax(-1).tolist()
                     continue

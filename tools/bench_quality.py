@@ -757,7 +757,7 @@ def mean_embeddings(model_dir: Path, texts: list[str], batch: int = 64):
                 [texts[j] for j in idx],
                 padding=True,
                 truncation=True,
-                max_length=128,
+                max_length=bc.BASELINE_TOKENS,
                 return_tensors="pt",
             )
             h = model(**enc).last_hidden_state
