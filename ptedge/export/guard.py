@@ -153,10 +153,12 @@ def guard(
         if not failing:
             for task, cost in costs.items():
                 if cost["points"] > args.max_drop:
+                    n = len(base[task]) if task in base else sum(map(len, base.values()))
                     print(
                         f"{precision} guard: {task} loses {cost['points']:.2f} points, past "
                         f"--max-drop {args.max_drop:g} but within chance (p {cost['p']:.3f} > "
-                        f"{SIGNIFICANCE:g}): not held against {name!r}",
+                        f"{SIGNIFICANCE:g}) on {n} records: not held against {name!r}; "
+                        "--eval FILE with more held-out records judges it finer",
                         file=sys.stderr,
                     )
             return info
