@@ -270,7 +270,9 @@ def _is_bundle(path: str) -> bool:
     "--quantize",
     type=click.Choice(["int8", "int4"]),
     help="Quantize, accuracy-guarded (recipes tried in order until every task stays within "
-    "--max-drop). int8: static int8 (encoders), else weight-only int8 blocks; int4: 4-bit "
+    "--max-drop). int8: static int8 (encoders; skipped for weight-only blocks when the "
+    "guard has too few records to see a loss of --max-drop: 500 at 1 point), else "
+    "weight-only int8 blocks; int4: 4-bit "
     "weight blocks. Llama-style causal LMs: smoothed int8 with per-token activation scales "
     "(int8-token, task graphs), then onnxruntime-genai's builder (blocks of 32). A record's "
     "answer never depends on the rest of its batch.",

@@ -10,7 +10,14 @@ import pytest
 
 pytest.importorskip("torch")
 
-from ptedge.export.guard import ALL_TASKS, SIGNIFICANCE, counts, judge, loss  # noqa: E402
+from ptedge.export.guard import (  # noqa: E402
+    ALL_TASKS,
+    SIGNIFICANCE,
+    counts,
+    judge,
+    loss,
+    records_needed,
+)
 
 
 def _pairs(n: int, lost: int, gained: int, both_wrong: int = 0) -> tuple[list, list]:
@@ -60,3 +67,12 @@ def test_losses_that_each_pass_as_chance_add_up_over_the_tasks():
     # one task alone is not judged twice
     costs, failing = judge({"a": [True, True]}, {"a": [True, False]}, max_drop=1)
     assert ALL_TASKS not in costs and failing == {}
+
+
+def test_records_needed_to_hold_a_loss_against_a_recipe():
+    assert records_needed(1) == 500 and records_needed(10) == 50 and records_needed(2) == 250
+    # on that many records a loss of max_drop points, all lost, is 5 records: it counts
+    # once past the limit; on 20 records even 4 lost (20 points) is chance
+    assert counts(loss(*_pairs(500, lost=6, gained=0)), max_drop=1)
+    assert not counts(loss(*_pairs(20, lost=4, gained=0)), max_drop=1)
+    assert counts(loss(*_pairs(20, lost=5, gained=0)), max_drop=1)  # 25 points

@@ -179,6 +179,30 @@ def test_int4_has_4bit_blocks_keeps_labels_and_converts_to_ort(tiny_runs, tmp_pa
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
 
 
+def test_too_few_guard_records_skip_static_for_label_keeping_weights(tiny_runs, tmp_path, capsys):
+    """24 guard records cannot hold a loss of 1 point against a recipe (500 can), so the
+    encoder gets weight-only int8 blocks, with the word embedding int8 per row."""
+    runs, data = tiny_runs
+    m = _export(runs["bert"], tmp_path / "int8", data, quantize="int8")
+    q = m["quantization"]
+    assert q["recipe"] == "weight-only"
+    assert q["skipped"] == {"recipes": ["static"], "guard_records": {"bert": 24}, "needed": 500}
+    assert "'static' is not tried" in capsys.readouterr().err
+    graph = onnx.load(str(tmp_path / "int8" / "model.int8.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    assert "MatMulNBits" in ops and not ops & {"QAttention", "MatMulIntegerToFloat"}
+    inits = {i.name: i for i in graph.initializer}
+    (table,) = [n for n in inits if n.endswith(".int8")]  # the embedding, one scale a row
+    assert q["embedding"] and list(inits[table.replace(".int8", ".scale")].dims)[1] == 1
+    # enough records for the limit asked: static is judged as before
+    assert (
+        _export(runs["bert"], tmp_path / "s", data, quantize="int8", max_drop=25)["quantization"][
+            "recipe"
+        ]
+        == "static"
+    )
+
+
 def test_causal_int8_skips_static_scales(tiny_runs, tmp_path):
     assert [r.name for r in recipes_for("int8", causal=False)][0] == "static"
     assert "static" not in [r.name for r in recipes_for("int8", causal=True)]

@@ -84,6 +84,16 @@ def loss(base: list[bool], quant: list[bool]) -> dict:
     return {"points": points, "lost": lost, "gained": gained, "p": round(p, 6)}
 
 
+def records_needed(max_drop: float) -> int:
+    """The fewest guard records on which a loss of ``max_drop`` points is as many records as
+    the sign test needs to hold a loss against a recipe: ``k`` lost and none gained count
+    only when 2**-k <= ``SIGNIFICANCE`` (k >= 5 at 0.05), so 500 records at the default 1
+    point. On fewer, only losses well past ``max_drop`` can count (on 20 carved dev
+    records, 25 points)."""
+    refusable = math.ceil(math.log2(1 / SIGNIFICANCE))
+    return math.ceil(100 * refusable / max_drop) if max_drop > 0 else refusable
+
+
 def counts(cost: dict, max_drop: float) -> bool:
     """Whether a ``loss`` refuses a recipe: past ``max_drop`` points and beyond chance."""
     return cost["points"] > max_drop and cost["p"] <= SIGNIFICANCE
