@@ -71,7 +71,8 @@ def test_bench_speed_quick(tmp_path):
     for s in ("ptedge_int4", "ptedge_int8_dynamic"):  # new int4, the previous int8 recipe
         assert minilm["systems"][s]["latency_b1_alone_ms"]["p50"] > 0
         assert minilm["quantized"][s]["peft_over_p50"] > 0
-    assert minilm["quantized"]["ptedge_int8"]["recipe"] == "static"
+    # quick mode's guard scores 16 records, too few to see a loss of 1 point: not static
+    assert minilm["quantized"]["ptedge_int8"]["recipe"] == "weight-only"
     assert minilm["quantized"]["ptedge_int8_dynamic"]["recipe"] == "all"
     overhead = minilm["prompt_overhead"]
     assert set(overhead) == {"fp32", "int8"}  # quick: MiniLM only
