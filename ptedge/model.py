@@ -303,20 +303,43 @@ ENCODER_FILE = "prompt_encoder.safetensors"
 HEAD_FILE = "head.safetensors"
 
 
+def compile_for(
+    model_dir: Path,
+    backbone: nn.Module,
+    template: str,
+    *,
+    causal: bool,
+    max_length: int,
+    pseudo_base: int = 0,
+    peft_layout: bool = False,
+):
+    """(tokenizer, compiled template) of ``template`` for the backbone in ``model_dir``."""
+    tok = load_tokenizer(model_dir)
+    mask_id, pad_id = backbone_ids(model_dir, backbone)
+    compiled = compile_template(
+        template,
+        tok,
+        causal=causal,
+        mask_id=mask_id,
+        pad_id=pad_id,
+        max_length=max_length,
+        pseudo_base=pseudo_base,
+        peft_layout=peft_layout,
+    )
+    return tok, compiled
+
+
 def build_for_run(cfg: RunConfig, backbone: nn.Module | None = None):
     """(PTuningModel, tokenizer, compiled template, label ids) for a run's config."""
     from ptedge.template import answer_ids
 
     model_dir = Path(cfg.model)
     backbone = backbone if backbone is not None else load_backbone(model_dir)
-    tok = load_tokenizer(model_dir)
-    mask_id, pad_id = backbone_ids(model_dir, backbone)
-    compiled = compile_template(
+    tok, compiled = compile_for(
+        model_dir,
+        backbone,
         cfg.template,
-        tok,
         causal=cfg.causal,
-        mask_id=mask_id,
-        pad_id=pad_id,
         max_length=cfg.max_length,
         pseudo_base=cfg.vocab_size,
         peft_layout=cfg.layout == "peft",

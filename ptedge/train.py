@@ -35,24 +35,9 @@ from ptedge import checkpoint, defaults, head_fit
 from ptedge.checks import check_records
 from ptedge.config import RunConfig
 from ptedge.data import Records, labels_of, read_records, require_fields, write_jsonl
-from ptedge.model import (
-    backbone_ids,
-    build_for_run,
-    eos_id,
-    is_causal,
-    load_backbone,
-    pad_id,
-)
+from ptedge.model import build_for_run, compile_for, eos_id, is_causal, load_backbone, pad_id
 from ptedge.targets import accuracy, class_targets, exact_match, vocab_targets
-from ptedge.template import (
-    compile_template,
-    encode,
-    fields_of,
-    lengths,
-    load_tokenizer,
-    parse,
-    pseudo_count,
-)
+from ptedge.template import encode, fields_of, lengths, parse, pseudo_count
 
 METRICS = "metrics.jsonl"  # what repeats bit for bit: step, loss, lr, dev metrics
 TIMING = "timing.jsonl"  # wall-clock figures (samples_per_s), which never repeat
@@ -478,10 +463,8 @@ def _record_lengths(
     template: str, backbone, model_dir: Path, causal: bool, records: Records
 ) -> list[int]:
     """Tokens each record takes under ``template`` with nothing truncated."""
-    tok = load_tokenizer(model_dir)
-    mask_id, pad = backbone_ids(model_dir, backbone)
-    compiled = compile_template(
-        template, tok, causal=causal, mask_id=mask_id, pad_id=pad, max_length=sys.maxsize
+    tok, compiled = compile_for(
+        model_dir, backbone, template, causal=causal, max_length=sys.maxsize
     )
     return lengths(compiled, tok, list(records))
 

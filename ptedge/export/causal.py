@@ -159,7 +159,7 @@ def build_decoder(run, path: Path, recipe: tuple = ("fp32", {}, None)) -> dict:
 def quantize_guarded(fp32: Path, out: Path, runs, args) -> dict:
     """The first recipe of ``RECIPES[args.quantize]`` whose graph keeps every task within
     ``args.max_drop`` points of the fp32 graph (``ptedge.export.guard``)."""
-    from ptedge.export.guard import guard
+    from ptedge.export.guard import guard, guard_records
     from ptedge.export.quantize import calibration_feeds
 
     generative = runs[0].cfg.head == "generate"
@@ -187,7 +187,7 @@ def quantize_guarded(fp32: Path, out: Path, runs, args) -> dict:
             "bytes": _size(out),
         }
 
-    return guard(fp32, out, runs, args, names, write)
+    return guard(fp32, out, runs, args, names, write, guard_records(runs, args))
 
 
 def _size(path: Path) -> int:

@@ -109,21 +109,32 @@ def judge(base: dict[str, list[bool]], quant: dict[str, list[bool]], max_drop: f
     return costs, {t: c for t, c in costs.items() if counts(c, max_drop)}
 
 
+def guard_records(runs, args) -> dict:
+    """Task name -> its ``guard_data``: what ``guard`` judges each task on."""
+    return {run.name: guard_data(run, args) for run in runs}
+
+
 def guard(
-    fp32: Path, out: Path, runs, args, names: list[str], write: Callable[[str, dict], dict]
+    fp32: Path,
+    out: Path,
+    runs,
+    args,
+    names: list[str],
+    write: Callable[[str, dict], dict],
+    data: dict,
 ) -> dict:
     """Try the recipes ``names`` in order: ``write(name, data)`` writes one's graph to
-    ``out`` and returns what the manifest says of it (``data``: each task's guard data);
-    the first recipe whose losses do not count (``counts``) is kept. If none passes, the
-    export is refused, or with ``args.allow_accuracy_drop`` the recipe that lost least is
-    written. Returns the kept recipe's description with the guard's measurements."""
+    ``out`` and returns what the manifest says of it (``data``: each task's guard data,
+    ``guard_records``); the first recipe whose losses do not count (``counts``) is kept.
+    If none passes, the export is refused, or with ``args.allow_accuracy_drop`` the recipe
+    that lost least is written. Returns the kept recipe's description with the guard's
+    measurements."""
     import onnxruntime as ort
 
     def session(p):
         return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
 
     precision = args.quantize
-    data = {run.name: guard_data(run, args) for run in runs}
     ref = session(fp32)
     base = {r.name: task_correct(ref, r, *data[r.name][1:]) for r in runs}
     del ref

@@ -54,7 +54,7 @@ from ptedge.export import outlier_channels as oc
 from ptedge.export import quant_graph as qg
 from ptedge.export.bundle import data_source
 from ptedge.export.fusion import encoder_shape, fuse_encoder
-from ptedge.export.guard import guard, guard_data, records_needed
+from ptedge.export.guard import guard, guard_records, records_needed
 from ptedge.export.scoring import graph_inputs
 from ptedge.template import record_fields
 
@@ -254,14 +254,15 @@ def quantize_guarded(fp32: Path, out: Path, runs, args) -> dict:
         return quantize(fp32, out, name, ctx[0])
 
     names = [r.name for r in recipes_for(args.quantize, runs[0].cfg.causal)]
-    skipped = _unseen_static(runs, args) if names[0] == "static" else None
+    data = guard_records(runs, args)
+    skipped = _unseen_static(data, args) if names[0] == "static" else None
     if skipped:
         names = names[1:]
-    info = guard(fp32, out, runs, args, names, write)
+    info = guard(fp32, out, runs, args, names, write, data)
     return info | ({"skipped": skipped} if skipped else {})
 
 
-def _unseen_static(runs, args) -> dict | None:
+def _unseen_static(data: dict, args) -> dict | None:
     """Why ``static`` is not tried, or None: some task's guard records are too few for a
     loss of ``--max-drop`` to count (``guard.records_needed``). ``static`` changes about one
     label in a hundred against fp32 (three or four in a hundred after 20 training records
@@ -269,11 +270,8 @@ def _unseen_static(runs, args) -> dict | None:
     few records cannot show; ``weight-only`` keeps fp32's labels (15 of 3,080 changed
     there, against 111), with slower MatMuls (2.6 ms a query against 1.7)."""
     needed = records_needed(args.max_drop)
-    few = {}
-    for run in runs:
-        n = sum(t is not None for t in guard_data(run, args)[2])
-        if n < needed:
-            few[run.name] = n
+    scorable = {task: sum(t is not None for t in targets) for task, (_, _, targets) in data.items()}
+    few = {task: n for task, n in scorable.items() if n < needed}
     if not few:
         return None
     where = ", ".join(f"{task} {n}" for task, n in few.items())
