@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from ptedge.calibration import can_reject
 from ptedge.config import RunConfig
 from ptedge.data import Records, labels_of, read_records, require_fields
 from ptedge.targets import class_targets
@@ -64,7 +65,7 @@ def check_task_records(spec: dict, records: Records, *, task: str, labelled: boo
 
     A task with a rejection threshold accepts labels outside its own: those records are
     out of scope, and evaluation counts whether they are rejected."""
-    rejects = bool((spec.get("reject") or {}).get("threshold"))
+    rejects = can_reject(spec)
     check_records(
         records,
         record_fields(spec["template"]),

@@ -337,9 +337,10 @@ def _is_bundle(path: str) -> bool:
 @click.option(
     "--reject",
     "reject_file",
-    help="Records that belong to no label (e.g. out-of-scope queries): fit a probability "
-    "threshold (and the temperature it applies at, the one that rejects most of these "
-    "records) below which predict answers label null.",
+    help="Records that belong to no label (e.g. out-of-scope queries): fit the rule that "
+    "rejects most of them, a threshold on the top probability (at the temperature that "
+    "rejects most) or on the scores' distance from the training records' labels, beyond "
+    "which predict answers label null.",
 )
 @click.option(
     "--reject-max-drop",

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ptedge.calibration import ece, probabilities
+from ptedge.calibration import can_reject, distances, ece, probabilities
 from ptedge.config import BUNDLE_FORMAT_VERSION, BUNDLE_MANIFEST, read_json
 from ptedge.template import encode, load_tokenizer, record_fields
 
@@ -78,17 +78,15 @@ def _temperature(spec: dict) -> float:
     return float((spec.get("calibration") or {}).get("temperature", 1.0))
 
 
-def _threshold(spec: dict) -> float:
-    """Top probability below which a record is rejected (0: never)."""
-    return float((spec.get("reject") or {}).get("threshold", 0.0))
-
-
 def _rejected(scores: np.ndarray, spec: dict) -> np.ndarray:
-    """(N,) bool: records whose top probability at the rejection temperature (the
-    calibration temperature for bundles without one) is below the threshold."""
+    """(N,) bool: records whose scores' distance is above the threshold (``reject.score``
+    "distance"), or whose top probability at the rejection temperature (the calibration
+    temperature for bundles without one) is below it (docs/bundle-format.md §7)."""
     reject = spec.get("reject") or {}
     if not reject:
         return np.zeros(len(scores), dtype=bool)
+    if reject.get("score") == "distance":
+        return distances(scores, reject["distance"]) > float(reject["threshold"])
     t = float(reject.get("temperature", _temperature(spec)))
     return probabilities(scores, t).max(-1) < float(reject["threshold"])
 
@@ -266,10 +264,10 @@ class Predictor:
 
             texts = [r["text"] for r in self.generate(records, name, batch_size=batch_size)]
             return exact_match(texts, labels_of(records, spec["label_field"]))
-        threshold = _threshold(spec)
+        rejects = can_reject(spec)
         if spec["kind"] == "classify":
             targets = class_targets(
-                records, spec["label_field"], spec["labels"], unknown_ok=threshold > 0
+                records, spec["label_field"], spec["labels"], unknown_ok=rejects
             )
         else:
             targets = vocab_targets(records, spec["label_field"], spec["template"], self.tokenizer)
@@ -282,7 +280,7 @@ class Predictor:
         skipped = len(targets) - len(keep)
         inside = gold >= 0
         result = {"ece": ece(top[inside], pred[inside] == gold[inside])}
-        if not threshold:
+        if not rejects:
             return accuracy(pred.tolist(), gold.tolist()) | {"skipped": skipped} | result
         rejected = _rejected(scores, spec) if keep else np.zeros(0, dtype=bool)
         right = np.where(inside, (pred == gold) & ~rejected, rejected)

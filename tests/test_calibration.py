@@ -96,6 +96,62 @@ def test_loss_bound():
     assert calibration.loss_bound(30, 2000) == pytest.approx(1.5 + margin)
 
 
+def _clusters(rng, n: int, labels: int = 4, off: float = 0.0):
+    """Scores (n, labels + 1): label k's column at 5, noise 0.3 elsewhere; the last column
+    is 0 in scope, ``off`` for records that look like a label but lie off every cluster."""
+    gold = np.arange(n) % labels
+    z = rng.normal(0, 0.3, (n, labels + 1))
+    z[np.arange(n), gold] += 5.0
+    z[:, -1] = rng.normal(0, 0.05, n) + off
+    return z, gold
+
+
+def test_distance_is_the_relative_mahalanobis_distance():
+    """min_k (z - m_k)' S^-1 (z - m_k) - (z - m)' S0^-1 (z - m), the covariances ridged by
+    DISTANCE_RIDGE x their mean variance, computed directly."""
+    rng = np.random.default_rng(1)
+    z, gold = _clusters(rng, 400)
+    model = calibration.distance_model(z, gold)
+    means = np.stack([z[gold == k].mean(0) for k in range(4)])
+    r = z - means[gold]
+    ridge = lambda c: c + calibration.DISTANCE_RIDGE * np.trace(c) / len(c) * np.eye(len(c))  # noqa: E731
+    p_in = np.linalg.inv(ridge(r.T @ r / len(z)))
+    p_all = np.linalg.inv(ridge(np.cov(z.T, bias=True)))
+    q, _ = _clusters(rng, 7, off=2.0)
+    want = [
+        min((x - m) @ p_in @ (x - m) for m in means) - (x - z.mean(0)) @ p_all @ (x - z.mean(0))
+        for x in q
+    ]
+    assert calibration.distances(q, model) == pytest.approx(want, rel=1e-5, abs=1e-4)
+    assert json.loads(json.dumps(model)) == model  # plain lists: the manifest holds it
+
+
+def test_rejection_rule_takes_the_distance_when_it_rejects_more():
+    """Out-of-scope records as sure of a label as in-scope ones (softmax cannot tell them
+    apart) but off every label's cluster: the distance rejects them within the budget."""
+    rng = np.random.default_rng(2)
+    train, gold = _clusters(rng, 800)
+    ins, ins_gold = _clusters(rng, 400)
+    oos, _ = _clusters(rng, 100, off=-3.0)
+    correct = np.ones(len(ins), dtype=bool)
+    model = calibration.distance_model(train, gold)
+    prob_only = calibration.rejection_rule(ins, correct, oos, 1.0, max_drop=2)
+    rule = calibration.rejection_rule(ins, correct, oos, 1.0, max_drop=2, distance=model)
+    assert prob_only["score"] == "probability" and prob_only["recall"] < 0.2
+    assert rule["score"] == "distance" and rule["recall"] > 0.95
+    assert rule["tried"][:-1] == prob_only["tried"]
+    kept = calibration.distances(ins, model) <= rule["threshold"]
+    assert rule["accuracy_kept"] == kept.mean() >= 0.98
+    assert calibration.loss_bound(int((~kept).sum()), len(ins)) <= 2
+
+
+def test_can_reject():
+    assert not calibration.can_reject({"reject": None})
+    assert not calibration.can_reject({"reject": {"threshold": 0.0, "temperature": 1.0}})
+    assert calibration.can_reject({"reject": {"threshold": 0.3}})
+    assert calibration.can_reject({"reject": {"score": "distance", "threshold": -2.5}})
+
+
 # -- export and runtime (tiny backbone) ----------------------------------------------------
 
 
@@ -170,7 +226,10 @@ def test_a_record_below_the_threshold_comes_back_as_null(bundle):
     p = Predictor(out)
     records = list(read_records(data))
     rule = p.tasks["run"]["reject"]
-    assert rule["temperature"] in [t["temperature"] for t in rule["tried"]]
+    if rule["score"] == "probability":
+        assert rule["temperature"] in [t.get("temperature") for t in rule["tried"]]
+    assert [t["score"] for t in rule["tried"]][-1] == "distance"
+    rule["score"] = "probability"
     raw, _ = p.scores(records)
     rule["temperature"] = 7.5  # far from the calibration temperature
     top = calibration.probabilities(raw, 7.5).max(-1)
@@ -199,7 +258,7 @@ def test_rejection_rule_picks_the_temperature_that_rejects_most_out_of_scope():
     oos = rng.normal(0, 0.05, (100, 10))
     oos[np.arange(100), np.arange(100) % 10] += 4.5
     rule = calibration.rejection_rule(ins, correct, oos, temperature=1.0, max_drop=2)
-    recalls = {t["temperature"]: t["recall"] for t in rule["tried"]}
+    recalls = {t["temperature"]: t["recall"] for t in rule["tried"] if "temperature" in t}
     assert sorted(recalls) == [1.0 * f for f in calibration.REJECT_FACTORS]
     assert rule["recall"] == max(recalls.values()) and rule["recall"] > recalls[1.0]
     assert rule["temperature"] == min(t for t, r in recalls.items() if r == rule["recall"])

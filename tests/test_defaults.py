@@ -159,6 +159,24 @@ def test_training_without_dev_carves_and_records_it(tiny, intents, tmp_path):
     assert cfg.best["dev_n"] == 30  # selection ran on the carved split
 
 
+def test_export_rebuilds_the_records_a_carved_run_trained_on(tiny, intents, tmp_path):
+    """The rejection distance is fitted on the run's training records: --train less the
+    carved dev split, rebuilt from the recorded seed and strata."""
+    from types import SimpleNamespace
+
+    from ptedge.export.calibrate import training_records
+
+    out = tmp_path / "run"
+    _train(tiny, intents, out, seed=5)
+    cfg = RunConfig.load(out)
+    dev = list(read_records(cfg.dev_file))
+    trained = list(training_records(SimpleNamespace(cfg=cfg)))
+    assert len(trained) == 270 and len(dev) == 30
+    everything = list(read_records(intents))
+    assert sorted(map(str, trained + dev)) == sorted(map(str, everything))
+    assert trained == [r for r in everything if r not in dev]
+
+
 def test_carved_dev_records_are_not_trained_on(tiny, intents, tmp_path, monkeypatch):
     import ptedge.train as tr
 

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -215,6 +216,30 @@ def test_node_applies_calibration_and_rejection_like_python(tiny, node_client, t
     raw, _ = Predictor(bundle).scores(records)
     top = sorted(calibration.probabilities(raw, 9.0).max(-1))  # the rejection temperature
     task["reject"] = {"threshold": top[len(top) // 2], "temperature": 9.0}  # half rejected
+    (bundle / "ptedge.json").write_text(json.dumps(manifest))
+    python = Predictor(bundle).predict(records)
+    assert 0 < sum(r["label"] is None for r in python) < len(records)
+    assert_same(run_node(node_client, bundle, records), python, records)
+
+
+def test_node_applies_a_distance_rejection_like_python(tiny, node_client, tmp_path):
+    """reject.score "distance" (docs/bundle-format.md §7): the same null labels in Node as
+    in Python, with the threshold splitting the records."""
+    records = _records()
+    data = write_jsonl(tmp_path / "train.jsonl", records * 2)
+    run = _train(tiny, "bert", data, tmp_path / "dist", "[P:2] {sentence} [MASK]", head="linear")
+    bundle = tmp_path / "bundle"
+    export(ExportArgs(runs=[str(run)], out=str(bundle)))
+    manifest = json.loads((bundle / "ptedge.json").read_text())
+    raw, _ = Predictor(bundle).scores(records)
+    gold = np.arange(len(records)) % raw.shape[1]  # any labelling fits a distance
+    model = calibration.distance_model(raw, gold)
+    far = sorted(calibration.distances(raw, model))
+    manifest["tasks"]["dist"]["reject"] = {
+        "score": "distance",
+        "threshold": (far[len(far) // 2] + far[len(far) // 2 - 1]) / 2,
+        "distance": model,
+    }
     (bundle / "ptedge.json").write_text(json.dumps(manifest))
     python = Predictor(bundle).predict(records)
     assert 0 < sum(r["label"] is None for r in python) < len(records)

@@ -925,13 +925,23 @@ def markdown(result: dict) -> str:
         spent = f"{dev_loss:.2f} points on {dev.get('n')} dev records" + (
             f", one-sided 95% upper bound {bound:.2f}" if bound is not None else ""
         )
+        if rej.get("score") == "distance":
+            rule = (
+                f"threshold {f(rej.get('threshold'), 1)} on the relative Mahalanobis distance "
+                "of the scores (fitted on the training records' scores; chosen on dev over "
+                "the top probability at every tried temperature"
+            )
+        else:
+            rule = (
+                f"threshold {f(rej.get('threshold'), 4)} on the top probability at "
+                f"temperature {f(rej.get('temperature'), 3)} (chosen with it on dev"
+            )
         lines += [
             "## CLINC150 out-of-scope rejection (int8 bundle)",
             "",
-            f"`{clinc['export_commands']['int8']}`: threshold {f(rej.get('threshold'), 4)} on "
-            f"the top probability at temperature {f(rej.get('temperature'), 3)} (chosen with "
-            f"it on dev: the most of `oos_dev.csv` rejected, losing at most "
-            f"{rej.get('max_drop_points')} in-scope points; it lost {spent}).",
+            f"`{clinc['export_commands']['int8']}`: {rule}: the most of `oos_dev.csv` "
+            f"rejected, losing at most {rej.get('max_drop_points')} in-scope points; it lost "
+            f"{spent}).",
             "",
             "| system | in-scope accuracy | out-of-scope recall |",
             "|---|---:|---:|",

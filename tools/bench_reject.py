@@ -6,9 +6,11 @@ in-scope dev records (the largest threshold losing at most ``--max-drop`` points
 accuracy, as ``rejection_threshold``) and then scored on the test splits: in-scope
 accuracy with the threshold and out-of-scope recall. Candidates: the top probability at
 1, 2, 4, 8 and 16 times the bundle's calibration temperature (the rule's grid), the top
-score (max logit), the energy (T log-sum-exp of scores / T) and the margin between the
-two top scores. The ``rule`` row is what export chooses: the temperature that rejects most
-of ``oos_dev.csv`` at the dev threshold. Test splits only score; nothing is chosen on them.
+score (max logit), the energy (T log-sum-exp of scores / T), the margin between the
+two top scores, and the relative Mahalanobis distance of the scores (fitted on the scores
+of ``train.csv``, as export fits it on the run's training records). The ``rule`` row is
+what export chooses: of the temperatures and the distance, the one that rejects most of
+``oos_dev.csv`` at the dev threshold. Test splits only score; nothing is chosen on them.
 
     python tools/bench_reject.py B            # B: an int8 or fp32 bundle of a CLINC150 run
 """
@@ -73,6 +75,8 @@ def main() -> None:
     oos_dev, _ = _scores(p, name, spec, d / "oos_dev.csv")
     test, gold_test = _scores(p, name, spec, d / "test.csv")
     oos_test, _ = _scores(p, name, spec, d / "oos_test.csv")
+    train, gold_train = _scores(p, name, spec, d / "train.csv")
+    distance = calibration.distance_model(train, gold_train)
     ok_dev, ok_test = dev.argmax(-1) == gold_dev, test.argmax(-1) == gold_test
     print(
         f"{a.bundle}: calibration T {t:.3f}; test accuracy {ok_test.mean():.4f}; dev "
@@ -81,9 +85,13 @@ def main() -> None:
     print("| score | oos_dev recall | test in scope (lost) | oos_test recall |")
     print("|---|---:|---:|---:|")
     rows = dict(candidates(t))
-    rule = calibration.rejection_rule(dev, ok_dev, oos_dev, t, a.max_drop)
-    factor = rule["temperature"] / t
-    rows[f"rule: T x {factor:g}"] = candidates(t)[f"top probability, T x {factor:g}"]
+    rows["relative Mahalanobis distance"] = lambda s: -calibration.distances(s, distance)
+    rule = calibration.rejection_rule(dev, ok_dev, oos_dev, t, a.max_drop, distance)
+    if rule["score"] == "distance":
+        rows["rule: distance"] = rows["relative Mahalanobis distance"]
+    else:
+        factor = rule["temperature"] / t
+        rows[f"rule: T x {factor:g}"] = candidates(t)[f"top probability, T x {factor:g}"]
     for label, f in rows.items():
         threshold = calibration.rejection_threshold(f(dev), ok_dev, a.max_drop)
         kept = (ok_test & (f(test) >= threshold)).mean()

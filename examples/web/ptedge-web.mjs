@@ -216,10 +216,26 @@ function softmax(row, temperature) {
   return e.map((v) => v / sum);
 }
 
-// §7: a record is rejected when its top probability at the rejection temperature
-// (reject.temperature, else the calibration temperature) is below reject.threshold.
+// §7: the relative Mahalanobis distance of a row of scores under reject.distance:
+// min over labels of |W z - c_k|^2, less |W0 z - c0|^2.
+function distance(row, d) {
+  const whiten = (w, c) =>
+    w.map((r, i) => r.reduce((s, v, j) => s + v * row[j], 0) - (c ? c[i] : 0));
+  const sq = (a, b) => a.reduce((s, v, i) => s + (v - b[i]) ** 2, 0);
+  const a = whiten(d.whiten);
+  const near = Math.min(...d.centres.map((c) => sq(a, c)));
+  const b = whiten(d.background_whiten, d.background_centre);
+  return near - b.reduce((s, v) => s + v * v, 0);
+}
+
+// §7: a record is rejected when its scores' distance is above reject.threshold
+// (reject.score "distance"), or else when its top probability at the rejection
+// temperature (reject.temperature, else the calibration temperature) is below it.
 function isRejected(row, spec, temperature) {
   if (!spec.reject) return false;
+  if (spec.reject.score === "distance") {
+    return distance(row, spec.reject.distance) > spec.reject.threshold;
+  }
   const p = softmax(row, spec.reject.temperature ?? temperature);
   return p.reduce((a, v) => Math.max(a, v), 0) < spec.reject.threshold;
 }

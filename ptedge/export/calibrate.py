@@ -5,8 +5,10 @@ whatever the bundle will run) scores the task's dev records; a temperature is fi
 them (``ptedge.calibration``), and with ``--reject FILE`` a probability threshold is
 chosen that keeps in-scope accuracy within ``--reject-max-drop`` points (the dev loss plus
 its one-sided 95% margin, so that new records stay within it too), at the
-rejection temperature that rejects most of FILE's records (``rejection_rule``). Both go
-into the task's manifest entry, which every client applies (``docs/bundle-format.md`` §7).
+rejection temperature that rejects most of FILE's records (``rejection_rule``), or, where
+it rejects more, a threshold on the relative Mahalanobis distance of the scores, fitted on
+the scores of the run's own training records. Both go into the task's manifest entry,
+which every client applies (``docs/bundle-format.md`` §7).
 
 Dev records: ``--eval FILE`` if given, else the run's dev split (given at training, or
 carved from --train). A run trained with ``--dev none`` and exported without ``--eval``
@@ -23,14 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ptedge import calibration
-from ptedge.data import Records, read_records, require_fields
+from ptedge import calibration, defaults
+from ptedge.data import DataError, Records, labels_of, read_records, require_fields
 from ptedge.export.bundle import data_source
 from ptedge.export.scoring import onnx_scores
 from ptedge.targets import class_targets, vocab_targets
 from ptedge.template import record_fields
 
 CALIBRATION_MAX = 2000  # dev records a temperature is fitted on
+DISTANCE_MAX = 20000  # training records a rejection distance is fitted on
 BATCH = 32
 
 
@@ -51,13 +54,18 @@ def scores_of(session, run, records: list[dict]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
+def _spread(recs: Records, cap: int) -> Records:
+    """At most ``cap`` of ``recs``, evenly spread over the file."""
+    if len(recs) <= cap:
+        return recs
+    idx = np.linspace(0, len(recs) - 1, cap).astype(int)
+    return Records(recs.path, [recs[i] for i in idx], [recs.lines[i] for i in idx])
+
+
 def _labelled(run, path: str) -> tuple[list[dict], np.ndarray]:
     """Up to CALIBRATION_MAX records of ``path`` spread over the file, with gold indices
     (open-vocabulary records whose answer is not one token are left out)."""
-    recs = read_records(path)
-    if len(recs) > CALIBRATION_MAX:
-        idx = np.linspace(0, len(recs) - 1, CALIBRATION_MAX).astype(int)
-        recs = Records(recs.path, [recs[i] for i in idx], [recs.lines[i] for i in idx])
+    recs = _spread(read_records(path), CALIBRATION_MAX)
     if run.cfg.labels is None:
         targets = vocab_targets(recs, run.cfg.label_field, run.compiled, run.tok)
     else:
@@ -126,24 +134,55 @@ def calibrate(session, runs, eval_file: str | None, reject_file: str | None, max
     return entries
 
 
+def training_records(run) -> Records:
+    """The records the run's head was trained on: its ``--train`` file less the dev split
+    carved from it (rebuilt as ``ptedge train`` carved it), at most DISTANCE_MAX."""
+    cfg = run.cfg
+    recs = read_records(cfg.train_file)
+    split = cfg.dev_split or {}
+    if split.get("source") == "carved":
+        strata = labels_of(recs, cfg.label_field) if split.get("stratified_by") else None
+        keep, _ = defaults.carve_dev(len(recs), split["seed"], strata)
+        recs = Records(recs.path, [recs[i] for i in keep], [recs.lines[i] for i in keep])
+    return _spread(recs, DISTANCE_MAX)
+
+
+def _distance(session, run) -> dict | None:
+    """The rejection distance fitted on the scores of the run's training records, or None
+    (said on stderr) when they cannot be read."""
+    try:
+        recs = training_records(run)
+        targets = np.array(class_targets(recs, run.cfg.label_field, run.cfg.labels))
+    except (OSError, DataError, ValueError) as e:
+        _log(f"rejection {run.name}: training records unreadable ({e}): probability only")
+        return None
+    _log(f"rejection {run.name}: scoring {len(recs)} training records for the distance")
+    return calibration.distance_model(scores_of(session, run, list(recs)), targets)
+
+
 def _reject(session, run, reject_file: str, scores, correct, temperature: float, max_drop: float):
-    """The rejection temperature and threshold on in-scope dev scores (N, L), and the
-    out-of-scope recall on the ``--reject`` records."""
+    """The rejection rule (top probability at a temperature, or distance) on in-scope dev
+    scores (N, L), and the out-of-scope recall on the ``--reject`` records."""
     oos = read_records(reject_file)
+    distance = _distance(session, run)
     rule = calibration.rejection_rule(
-        scores, correct, scores_of(session, run, oos), temperature, max_drop
+        scores, correct, scores_of(session, run, oos), temperature, max_drop, distance
     )
-    threshold, t_reject = rule["threshold"], rule["temperature"]
+    threshold = rule["threshold"]
+    if rule["score"] == "distance":
+        how = f"relative Mahalanobis distance of the scores above {threshold:.4g}"
+        chosen = {"score": "distance", "threshold": threshold, "distance": distance}
+    else:
+        how = f"top probability at temperature {rule['temperature']:.3f} below {threshold:.4f}"
+        chosen = {"score": "probability", "threshold": threshold}
+        chosen["temperature"] = rule["temperature"]
     _log(
-        f"rejection {run.name}: top probability at temperature {t_reject:.3f} below "
-        f"{threshold:.4f}; dev in-scope accuracy {correct.mean():.4f} -> "
+        f"rejection {run.name}: {how}; dev in-scope accuracy {correct.mean():.4f} -> "
         f"{rule['accuracy_kept']:.4f} (upper bound on the loss {rule['loss_bound']:.2f} "
         f"points, at most {max_drop:g}), out-of-scope recall {rule['recall']:.4f} on "
         f"{len(oos)} records of {Path(reject_file).name}"
     )
-    return {
-        "threshold": threshold,
-        "temperature": t_reject,
+    return chosen | {
         "max_drop_points": max_drop,
         "dev": {
             "n": len(correct),
