@@ -13,6 +13,12 @@ what export chooses: of the temperatures and the distance, the one that rejects 
 ``oos_dev.csv`` at the dev threshold. Test splits only score; nothing is chosen on them.
 
     python tools/bench_reject.py B            # B: an int8 or fp32 bundle of a CLINC150 run
+    python tools/bench_reject.py B --query "what is the weather on mars"
+
+``--query TEXT`` (repeatable) adds, for each score, where that query falls among the
+in-scope dev records (the share of them it looks less in scope than) and whether the
+score's dev threshold rejects it: how far a query is from being rejected, and by which
+score.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ def main() -> None:
     ap.add_argument("bundle")
     ap.add_argument("--data", default=str(bc.DATA / "clinc150"), help="CLINC150 folder")
     ap.add_argument("--max-drop", type=float, default=1.0)
+    ap.add_argument("--query", action="append", default=[], help="a text to place (repeatable)")
     a = ap.parse_args()
     from pathlib import Path
 
@@ -92,6 +99,10 @@ def main() -> None:
     else:
         factor = rule["temperature"] / t
         rows[f"rule: T x {factor:g}"] = candidates(t)[f"top probability, T x {factor:g}"]
+    segments = spec["template"]["segments"]
+    text_field = next(seg["field"] for seg in segments if "field" in seg)  # CLINC150: text
+    queries, _ = p.scores([{text_field: q} for q in a.query], name) if a.query else (None, None)
+    placed = []
     for label, f in rows.items():
         threshold = calibration.rejection_threshold(f(dev), ok_dev, a.max_drop)
         kept = (ok_test & (f(test) >= threshold)).mean()
@@ -99,6 +110,16 @@ def main() -> None:
             f"| {label} | {(f(oos_dev) < threshold).mean():.3f} | {kept:.4f} "
             f"({100 * (ok_test.mean() - kept):.2f}) | {(f(oos_test) < threshold).mean():.3f} |"
         )
+        if queries is not None:
+            for q, c in zip(a.query, f(np.asarray(queries, dtype=np.float64)), strict=True):
+                below = (f(dev) > c).mean()  # dev records more in scope than the query
+                placed.append(
+                    f"| {q} | {label} | {below:.3f} | {'yes' if c < threshold else 'no'} |"
+                )
+    if placed:
+        print("\n| query | score | in-scope dev records surer than it | rejected |")
+        print("|---|---|---:|---|")
+        print("\n".join(placed))
 
 
 if __name__ == "__main__":
