@@ -736,8 +736,8 @@ def bundle_info(bundles: dict[str, Path]) -> dict:
             "calibration": {t: s.get("calibration") for t, s in m["tasks"].items()},
         }
         rejects = [s["reject"] for s in m["tasks"].values() if s.get("reject")]
-        if rejects:
-            out[prec]["reject"] = rejects[0]
+        if rejects:  # the rule, less a distance's matrices
+            out[prec]["reject"] = {k: v for k, v in rejects[0].items() if k != "distance"}
     return out
 
 
