@@ -34,6 +34,7 @@ from ptedge.template import record_fields
 
 CALIBRATION_MAX = 2000  # dev records a temperature is fitted on
 DISTANCE_MAX = 20000  # training records a rejection distance is fitted on
+DISTANCE_CHUNK = 512  # records scored between progress updates
 BATCH = 32
 
 
@@ -156,8 +157,17 @@ def _distance(session, run) -> dict | None:
     except (OSError, DataError, ValueError) as e:
         _log(f"rejection {run.name}: training records unreadable ({e}): probability only")
         return None
-    _log(f"rejection {run.name}: scoring {len(recs)} training records for the distance")
-    return calibration.distance_model(scores_of(session, run, list(recs)), targets)
+    from tqdm import tqdm
+
+    parts = []
+    with tqdm(
+        total=len(recs), desc=f"rejection {run.name}: training records", unit="rec", disable=None
+    ) as bar:
+        for i in range(0, len(recs), DISTANCE_CHUNK):
+            parts.append(scores_of(session, run, list(recs[i : i + DISTANCE_CHUNK])))
+            bar.update(len(parts[-1]))
+    _log(f"rejection {run.name}: distance fitted on the scores of {len(recs)} training records")
+    return calibration.distance_model(np.concatenate(parts), targets)
 
 
 def _reject(session, run, reject_file: str, scores, correct, temperature: float, max_drop: float):
