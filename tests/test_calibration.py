@@ -321,3 +321,16 @@ def test_the_rejection_budget_defaults_to_the_stated_two_points():
 
     option = next(p for p in main.commands["export"].params if p.name == "reject_max_drop")
     assert option.default == ExportArgs.reject_max_drop == defaults.REJECT_MAX_DROP == 2.0
+
+
+def test_no_distance_for_tasks_with_too_many_labels(monkeypatch, capsys):
+    """The distance's L x L matrices would swell the manifest: beyond
+    DISTANCE_MAX_LABELS labels only the top probability is tried."""
+    from types import SimpleNamespace
+
+    from ptedge.export import calibrate
+
+    monkeypatch.setattr(calibrate, "DISTANCE_MAX_LABELS", 2)
+    run = SimpleNamespace(name="t", cfg=SimpleNamespace(labels=["a", "b", "c"]))
+    assert calibrate._distance(None, run) is None
+    assert "3 labels, more than 2" in capsys.readouterr().err

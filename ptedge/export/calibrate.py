@@ -35,6 +35,9 @@ from ptedge.template import record_fields
 CALIBRATION_MAX = 2000  # dev records a temperature is fitted on
 DISTANCE_MAX = 20000  # training records a rejection distance is fitted on
 DISTANCE_CHUNK = 512  # records scored between progress updates
+# The distance's three L x L matrices go into the manifest: 1.6 MB at 150 labels, 2.9 MB at
+# 200, growing with L^2; beyond this many labels only the top probability is tried.
+DISTANCE_MAX_LABELS = 200
 BATCH = 32
 
 
@@ -150,7 +153,14 @@ def training_records(run) -> Records:
 
 def _distance(session, run) -> dict | None:
     """The rejection distance fitted on the scores of the run's training records, or None
-    (said on stderr) when they cannot be read."""
+    (said on stderr) when they cannot be read or the task has too many labels."""
+    if len(run.cfg.labels) > DISTANCE_MAX_LABELS:
+        _log(
+            f"rejection {run.name}: {len(run.cfg.labels)} labels, more than "
+            f"{DISTANCE_MAX_LABELS}: the distance is not tried (its matrices would swell "
+            "the manifest); probability only"
+        )
+        return None
     try:
         recs = training_records(run)
         targets = np.array(class_targets(recs, run.cfg.label_field, run.cfg.labels))
