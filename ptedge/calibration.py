@@ -16,9 +16,11 @@ probability threshold below which a record is rejected as out of scope.
   from the nearest label's training scores, in units of the scores' spread within a
   label, less how far from all training scores together. It sees a record whose scores
   look like no label's even when softmax is sure of one.
-- ``rejection_rule``: that threshold at the temperature, among multiples of the
-  calibration temperature, under which it rejects the most out-of-scope dev records, or
-  a distance threshold where that rejects more.
+- ``in_scope``: how in scope a record looks under a rejection rule: the top probability
+  at a rejection temperature, the distance, or the two combined.
+- ``rejection_rule``: of those rules (the temperatures among multiples of the
+  calibration temperature), the one whose threshold rejects the most out-of-scope dev
+  records.
 
 ``probabilities`` is the one place that turns scores into the probabilities every
 client reports (``docs/bundle-format.md`` §7 says the same for other languages).
@@ -58,9 +60,9 @@ def can_reject(spec: dict) -> bool:
     """Whether a bundle task entry's ``reject`` rule can reject a record (a probability
     threshold of 0 never does)."""
     reject = spec.get("reject") or {}
-    return bool(reject) and (
-        reject.get("score") == "distance" or float(reject.get("threshold", 0.0)) > 0
-    )
+    if not reject:
+        return False
+    return reject.get("score", "probability") != "probability" or reject["threshold"] > 0
 
 
 def _nll_slope(scores: np.ndarray, targets: np.ndarray, beta: float) -> float:
@@ -135,18 +137,12 @@ def loss_bound(lost: int, n: int, z: float = REJECT_Z) -> float:
 def rejection_threshold(
     confidence: np.ndarray, correct: np.ndarray, max_drop: float, z: float = REJECT_Z
 ) -> float:
-    """The largest threshold t such that rejecting (counting as wrong) the records with top
-    probability < t costs in-scope accuracy at most ``max_drop`` points, by the upper
-    bound ``loss_bound`` (``z`` = 0: the dev loss itself). confidence, correct: (N,) over
-    in-scope dev records."""
-    return _cutoff(confidence, correct, max_drop, z)
-
-
-def _cutoff(
-    confidence: np.ndarray, correct: np.ndarray, max_drop: float, z: float = REJECT_Z
-) -> float:
-    """``rejection_threshold`` for any confidence (higher: more in scope). The lowest
-    confidence, which rejects nothing, when no threshold is within the budget."""
+    """The largest threshold t such that rejecting (counting as wrong) the records with
+    confidence < t (top probability, or any ``in_scope`` value) costs in-scope accuracy at
+    most ``max_drop`` points, by the upper bound ``loss_bound`` (``z`` = 0: the dev loss
+    itself). confidence, correct: (N,) over in-scope dev records. Rejecting below the
+    lowest confidence rejects nothing, so some threshold always fits.
+    """
     conf = np.asarray(confidence, dtype=np.float64)
     ok = np.asarray(correct, dtype=bool)
     if len(conf) == 0:
@@ -222,6 +218,30 @@ def distances(scores: np.ndarray, model: dict) -> np.ndarray:
     return near - (b * b).sum(1)
 
 
+def in_scope(scores: np.ndarray, rule: dict) -> np.ndarray:
+    """(N,) how in scope each row of scores (N, L) looks under a rejection ``rule`` (the
+    manifest's ``reject``, docs/bundle-format.md §7); a record is rejected when this is
+    below ``rule["threshold"]``. By ``rule["score"]``:
+
+    - ``probability`` (or absent): the top probability at ``rule["temperature"]``;
+    - ``distance``: minus ``distances`` under ``rule["distance"]``;
+    - ``combined``: the mean of the two, each standardized by the mean and standard
+      deviation it has on in-scope dev records (``rule["standardize"]``), the probability
+      taken as its logarithm.
+    """
+    kind = rule.get("score", "probability")
+    if kind not in ("probability", "distance", "combined"):
+        raise ValueError(f"unknown rejection score {kind!r} (a newer ptedge wrote the bundle?)")
+    if kind == "distance":
+        return -distances(scores, rule["distance"])
+    top = probabilities(scores, rule["temperature"]).max(-1)
+    if kind == "probability":
+        return top
+    (mp, sp), (md, sd) = (rule["standardize"][k] for k in ("log_probability", "distance"))
+    log_top = np.log(np.maximum(top, 1e-300))
+    return ((log_top - mp) / sp + (-distances(scores, rule["distance"]) - md) / sd) / 2
+
+
 def rejection_rule(
     scores: np.ndarray,
     correct: np.ndarray,
@@ -230,54 +250,51 @@ def rejection_rule(
     max_drop: float,
     distance: dict | None = None,
 ) -> dict:
-    """The rejection temperature and threshold that reject the most out-of-scope records
-    while in-scope accuracy loses at most ``max_drop`` points (by ``loss_bound`` on dev).
+    """The rejection rule and threshold that reject the most out-of-scope records while
+    in-scope accuracy loses at most ``max_drop`` points (by ``loss_bound`` on dev).
 
     The top probability at a higher temperature than the calibrated one separates records
     of no label better (ODIN, Liang et al. 2018: softened softmax scores rank in- and
     out-of-distribution inputs better than T = 1). Temperatures tried: ``temperature`` x
-    ``REJECT_FACTORS``; ties go to the lowest. With a ``distance_model`` (``distance``),
-    a threshold on ``distances`` (rejecting records above it) is tried last and chosen when
-    it rejects more. scores: (N, L) in-scope dev scores, correct: (N,), oos_scores: (M, L).
-    Returns {"score": "probability" | "distance", "threshold", "temperature" (probability
-    only), "recall", "accuracy_kept" (in-scope dev accuracy with rejection), "loss_bound"
-    (points), "tried": [the same for each candidate]}.
+    ``REJECT_FACTORS``. With a ``distance_model`` (``distance``), the distance alone and,
+    at each temperature, its mean with the log top probability (``in_scope``'s
+    ``combined``) are tried too. Ties go to the first tried. scores: (N, L) in-scope dev
+    scores, correct: (N,), oos_scores: (M, L). Returns the chosen rule, as ``in_scope``
+    reads it, with "threshold", "recall", "accuracy_kept" (in-scope dev accuracy with
+    rejection), "loss_bound" (points), and "tried": [the same for each candidate, less
+    the distance's matrices].
     """
     oos = np.asarray(oos_scores, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
-    tried = []
-    for factor in REJECT_FACTORS:
-        t = temperature * factor
-        top = probabilities(scores, t).max(-1)
-        threshold = rejection_threshold(top, correct, max_drop)
-        recall = float(np.mean(probabilities(oos, t).max(-1) < threshold)) if len(oos) else 0.0
-        kept = correct & (top >= threshold)  # (N,) right and not rejected
-        tried.append(
-            {
-                "score": "probability",
-                "temperature": t,
-                "threshold": threshold,
-                "recall": recall,
-                "accuracy_kept": float(kept.mean()),
-                "loss_bound": float(loss_bound(int(correct.sum() - kept.sum()), len(top))),
-            }
-        )
+    rules = [{"score": "probability", "temperature": temperature * f} for f in REJECT_FACTORS]
     if distance is not None:
-        tried.append(_distance_candidate(scores, correct, oos, distance, max_drop))
+        rules.append({"score": "distance", "distance": distance})
+        far = -distances(scores, distance)  # (N,)
+        far_stats = [float(far.mean()), max(float(far.std()), 1e-12)]
+        for f in REJECT_FACTORS:
+            t = temperature * f
+            log_top = np.log(np.maximum(probabilities(scores, t).max(-1), 1e-300))
+            stats = {
+                "log_probability": [float(log_top.mean()), max(float(log_top.std()), 1e-12)],
+                "distance": far_stats,
+            }
+            rules.append({"score": "combined", "temperature": t, "standardize": stats})
+            rules[-1]["distance"] = distance
+    tried = [_candidate(scores, correct, oos, rule, max_drop) for rule in rules]
     best = max(tried, key=lambda r: r["recall"])  # max() keeps the first of equals
-    return best | {"tried": tried}
+    rows = [{k: v for k, v in r.items() if k != "distance"} for r in tried]
+    return best | {"tried": rows}
 
 
-def _distance_candidate(scores, correct, oos, model: dict, max_drop: float) -> dict:
-    """``rejection_rule``'s row for a threshold on ``distances``: the smallest distance
-    above which rejecting in-scope dev records stays within ``max_drop``."""
-    near = distances(scores, model)  # (N,)
-    cut = _cutoff(-near, correct, max_drop)  # reject -d < cut, i.e. d > -cut
-    kept = correct & (near <= -cut)
-    return {
-        "score": "distance",
-        "threshold": -cut,
-        "recall": float(np.mean(distances(oos, model) > -cut)) if len(oos) else 0.0,
+def _candidate(scores, correct, oos, rule: dict, max_drop: float) -> dict:
+    """``rule`` with its threshold (the largest within ``max_drop``), its out-of-scope
+    recall and what it costs in scope on dev."""
+    conf = in_scope(scores, rule)  # (N,)
+    threshold = rejection_threshold(conf, correct, max_drop)
+    kept = correct & (conf >= threshold)  # (N,) right and not rejected
+    return rule | {
+        "threshold": threshold,
+        "recall": float(np.mean(in_scope(oos, rule) < threshold)) if len(oos) else 0.0,
         "accuracy_kept": float(kept.mean()),
-        "loss_bound": float(loss_bound(int(correct.sum() - kept.sum()), len(near))),
+        "loss_bound": float(loss_bound(int(correct.sum() - kept.sum()), len(conf))),
     }

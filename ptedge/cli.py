@@ -338,9 +338,9 @@ def _is_bundle(path: str) -> bool:
     "--reject",
     "reject_file",
     help="Records that belong to no label (e.g. out-of-scope queries): fit the rule that "
-    "rejects most of them, a threshold on the top probability (at the temperature that "
-    "rejects most) or on the scores' distance from the training records' labels, beyond "
-    "which predict answers label null.",
+    "rejects most of them (a threshold on the top probability at one of five temperatures, "
+    "on the scores' distance from the training records' labels, or on the two combined), "
+    "beyond which predict answers label null.",
 )
 @click.option(
     "--reject-max-drop",

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ptedge.calibration import can_reject, distances, ece, probabilities
+from ptedge.calibration import can_reject, ece, in_scope, probabilities
 from ptedge.config import BUNDLE_FORMAT_VERSION, BUNDLE_MANIFEST, read_json
 from ptedge.template import encode, load_tokenizer, record_fields
 
@@ -79,16 +79,14 @@ def _temperature(spec: dict) -> float:
 
 
 def _rejected(scores: np.ndarray, spec: dict) -> np.ndarray:
-    """(N,) bool: records whose scores' distance is above the threshold (``reject.score``
-    "distance"), or whose top probability at the rejection temperature (the calibration
-    temperature for bundles without one) is below it (docs/bundle-format.md §7)."""
+    """(N,) bool: records that look less in scope than the rejection threshold, under the
+    task's rule (docs/bundle-format.md §7; a rule without a temperature, from bundles
+    older than the key, applies the calibration temperature)."""
     reject = spec.get("reject") or {}
     if not reject:
         return np.zeros(len(scores), dtype=bool)
-    if reject.get("score") == "distance":
-        return distances(scores, reject["distance"]) > float(reject["threshold"])
-    t = float(reject.get("temperature", _temperature(spec)))
-    return probabilities(scores, t).max(-1) < float(reject["threshold"])
+    rule = {"temperature": _temperature(spec)} | reject
+    return in_scope(scores, rule) < float(reject["threshold"])
 
 
 class Predictor:

@@ -186,6 +186,28 @@ def every_loss_counts(monkeypatch):
     monkeypatch.setattr(ptedge.export.guard, "SIGNIFICANCE", 1.0)
 
 
+def splitting_rule(scores, kind: str) -> dict:
+    """A rejection rule of ``kind`` ("distance" or "combined", docs/bundle-format.md §7)
+    for a bundle's raw scores (N, L), its threshold halfway between the two middle records'
+    ``in_scope`` values, so that it rejects about half of them: for client parity tests."""
+    import numpy as np
+
+    from ptedge import calibration
+
+    model = calibration.distance_model(scores, np.arange(len(scores)) % scores.shape[1])
+    rule = {"score": kind, "distance": model}
+    if kind == "combined":
+        log_top = np.log(calibration.probabilities(scores, 1.7).max(-1))
+        far = -calibration.distances(scores, model)
+        rule |= {"temperature": 1.7, "standardize": {
+            "log_probability": [float(log_top.mean()), float(log_top.std())],
+            "distance": [float(far.mean()), float(far.std())],
+        }}  # fmt: skip
+    conf = sorted(calibration.in_scope(scores, rule))
+    mid = len(conf) // 2
+    return rule | {"threshold": (conf[mid - 1] + conf[mid]) / 2}
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path

@@ -139,10 +139,34 @@ def test_rejection_rule_takes_the_distance_when_it_rejects_more():
     rule = calibration.rejection_rule(ins, correct, oos, 1.0, max_drop=2, distance=model)
     assert prob_only["score"] == "probability" and prob_only["recall"] < 0.2
     assert rule["score"] == "distance" and rule["recall"] > 0.95
-    assert rule["tried"][:-1] == prob_only["tried"]
-    kept = calibration.distances(ins, model) <= rule["threshold"]
+    assert rule["tried"][:5] == prob_only["tried"]
+    kinds = [t["score"] for t in rule["tried"]]
+    assert kinds == ["probability"] * 5 + ["distance"] + ["combined"] * 5
+    assert all("distance" not in t for t in rule["tried"])  # no matrices in the summary
+    kept = calibration.in_scope(ins, rule) >= rule["threshold"]
+    assert (kept == (-calibration.distances(ins, model) >= rule["threshold"])).all()
     assert rule["accuracy_kept"] == kept.mean() >= 0.98
     assert calibration.loss_bound(int((~kept).sum()), len(ins)) <= 2
+
+
+def test_the_combined_score_averages_the_two_standardized_scores():
+    """``combined``: the log top probability and minus the distance, each standardized by
+    its mean and standard deviation on the in-scope dev records, averaged; the rule keeps
+    the candidate that rejects most."""
+    rng = np.random.default_rng(3)
+    train, gold = _clusters(rng, 800)
+    ins, _ = _clusters(rng, 400)
+    oos, _ = _clusters(rng, 100, off=-1.0)
+    model = calibration.distance_model(train, gold)
+    rule = calibration.rejection_rule(ins, np.ones(400, bool), oos, 1.0, max_drop=2, distance=model)
+    assert rule["recall"] == max(t["recall"] for t in rule["tried"])
+    row = next(t for t in rule["tried"] if t["score"] == "combined" and t["temperature"] == 2.0)
+    log_top = np.log(calibration.probabilities(ins, 2.0).max(-1))
+    far = -calibration.distances(ins, model)
+    (mp, sp), (md, sd) = row["standardize"]["log_probability"], row["standardize"]["distance"]
+    assert (mp, sp, md, sd) == pytest.approx((log_top.mean(), log_top.std(), far.mean(), far.std()))
+    want = ((log_top - mp) / sp + (far - md) / sd) / 2
+    assert calibration.in_scope(ins, row | {"distance": model}) == pytest.approx(want)
 
 
 def test_can_reject():
@@ -150,6 +174,7 @@ def test_can_reject():
     assert not calibration.can_reject({"reject": {"threshold": 0.0, "temperature": 1.0}})
     assert calibration.can_reject({"reject": {"threshold": 0.3}})
     assert calibration.can_reject({"reject": {"score": "distance", "threshold": -2.5}})
+    assert calibration.can_reject({"reject": {"score": "combined", "threshold": -2.5}})
 
 
 # -- export and runtime (tiny backbone) ----------------------------------------------------
@@ -196,7 +221,16 @@ def test_manifest_carries_temperature_and_threshold_without_paths(bundle):
     cal, rej = task["calibration"], task["reject"]
     assert cal["temperature"] > 0 and cal["data"]["file"] == "train.jsonl"
     assert cal["data"]["n"] == 18 and len(cal["data"]["sha256"]) == 64
-    assert 0 < rej["threshold"] <= 1 and rej["out_of_scope"]["file"] == "oos.jsonl"
+    assert rej["out_of_scope"]["file"] == "oos.jsonl"
+    if rej["score"] == "probability":
+        assert 0 < rej["threshold"] <= 1
+    else:  # what the clients need to compute the distance
+        assert set(rej["distance"]) == {
+            "whiten",
+            "centres",
+            "background_whiten",
+            "background_centre",
+        }
     assert str(data.parent) not in json.dumps(task)
 
 
@@ -228,7 +262,7 @@ def test_a_record_below_the_threshold_comes_back_as_null(bundle):
     rule = p.tasks["run"]["reject"]
     if rule["score"] == "probability":
         assert rule["temperature"] in [t.get("temperature") for t in rule["tried"]]
-    assert [t["score"] for t in rule["tried"]][-1] == "distance"
+    assert {t["score"] for t in rule["tried"]} == {"probability", "distance", "combined"}
     rule["score"] = "probability"
     raw, _ = p.scores(records)
     rule["temperature"] = 7.5  # far from the calibration temperature
@@ -276,12 +310,13 @@ def test_evaluate_counts_out_of_scope_records(bundle):
     p = Predictor(out)
     ins = list(read_records(data))
     outs = [{"sentence": r["sentence"], "label": "oos"} for r in read_records(oos)]
-    p.tasks["run"]["reject"]["threshold"] = 1.01  # reject everything
+    everything = {"score": "probability", "temperature": 1.0, "threshold": 1.01}
+    p.tasks["run"]["reject"] = everything
     res = p.evaluate(ins + outs)
     assert res["n_in_scope"] == 18 and res["n_oos"] == 4
     assert res["in_scope_accuracy"] == 0.0 and res["oos_recall"] == 1.0
     assert res["accuracy"] == pytest.approx(4 / 22)
-    p.tasks["run"]["reject"]["threshold"] = 0.0  # reject nothing: no out-of-scope counting
+    p.tasks["run"]["reject"] = everything | {"threshold": 0.0}  # rejects nothing, so
     with pytest.raises(ValueError, match="not one of the task's labels"):
         p.evaluate(outs)
 

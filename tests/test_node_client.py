@@ -15,13 +15,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest import ROOT, shared_data, write_jsonl  # noqa: E402
+from conftest import ROOT, shared_data, splitting_rule, write_jsonl  # noqa: E402
 
 from ptedge import calibration  # noqa: E402
 from ptedge.data import read_records  # noqa: E402
@@ -222,9 +221,10 @@ def test_node_applies_calibration_and_rejection_like_python(tiny, node_client, t
     assert_same(run_node(node_client, bundle, records), python, records)
 
 
-def test_node_applies_a_distance_rejection_like_python(tiny, node_client, tmp_path):
-    """reject.score "distance" (docs/bundle-format.md §7): the same null labels in Node as
-    in Python, with the threshold splitting the records."""
+@pytest.mark.parametrize("kind", ["distance", "combined"])
+def test_node_applies_a_distance_rejection_like_python(tiny, node_client, tmp_path, kind):
+    """reject.score "distance" and "combined" (docs/bundle-format.md §7): the same null
+    labels in Node as in Python, with the threshold splitting the records."""
     records = _records()
     data = write_jsonl(tmp_path / "train.jsonl", records * 2)
     run = _train(tiny, "bert", data, tmp_path / "dist", "[P:2] {sentence} [MASK]", head="linear")
@@ -232,14 +232,7 @@ def test_node_applies_a_distance_rejection_like_python(tiny, node_client, tmp_pa
     export(ExportArgs(runs=[str(run)], out=str(bundle)))
     manifest = json.loads((bundle / "ptedge.json").read_text())
     raw, _ = Predictor(bundle).scores(records)
-    gold = np.arange(len(records)) % raw.shape[1]  # any labelling fits a distance
-    model = calibration.distance_model(raw, gold)
-    far = sorted(calibration.distances(raw, model))
-    manifest["tasks"]["dist"]["reject"] = {
-        "score": "distance",
-        "threshold": (far[len(far) // 2] + far[len(far) // 2 - 1]) / 2,
-        "distance": model,
-    }
+    manifest["tasks"]["dist"]["reject"] = splitting_rule(raw, kind)
     (bundle / "ptedge.json").write_text(json.dumps(manifest))
     python = Predictor(bundle).predict(records)
     assert 0 < sum(r["label"] is None for r in python) < len(records)

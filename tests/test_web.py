@@ -262,23 +262,21 @@ def test_page_matches_python_on_tiny_backbones(tiny, web_client, tmp_path, case)
     assert_same(report["results"], python, records)
 
 
-def test_page_applies_a_distance_rejection_like_python(tiny, web_client, tmp_path):
-    """reject.score "distance" (docs/bundle-format.md §7): the page rejects the records
-    Python rejects, with the threshold splitting them."""
+@pytest.mark.parametrize("kind", ["distance", "combined"])
+def test_page_applies_a_distance_rejection_like_python(tiny, web_client, tmp_path, kind):
+    """reject.score "distance" and "combined" (docs/bundle-format.md §7): the page rejects
+    the records Python rejects, with the threshold splitting them."""
     pytest.importorskip("torch")
-    from ptedge import calibration
+    from conftest import splitting_rule
+
     from ptedge.runtime import Predictor
 
     records = [{"sentence": s, "label": str(i % 2)} for i, s in enumerate(SENTENCES)]
     bundle = _tiny_bundle(tiny, tmp_path, "bert", "[P] {sentence} [MASK]", records, head="linear")
     raw, _ = Predictor(bundle).scores(records)
-    model = calibration.distance_model(raw, np.arange(len(records)) % 2)
-    far = sorted(calibration.distances(raw, model))
     manifest = json.loads((bundle / "ptedge.json").read_text())
     (spec,) = manifest["tasks"].values()
-    mid = len(far) // 2
-    spec["reject"] = {"score": "distance", "threshold": (far[mid - 1] + far[mid]) / 2}
-    spec["reject"]["distance"] = model
+    spec["reject"] = splitting_rule(raw, kind)
     (bundle / "ptedge.json").write_text(json.dumps(manifest))
     python = Predictor(bundle).predict(records)
     assert 0 < sum(r["label"] is None for r in python) < len(records)

@@ -925,17 +925,18 @@ def markdown(result: dict) -> str:
         spent = f"{dev_loss:.2f} points on {dev.get('n')} dev records" + (
             f", one-sided 95% upper bound {bound:.2f}" if bound is not None else ""
         )
-        if rej.get("score") == "distance":
-            rule = (
-                f"threshold {f(rej.get('threshold'), 1)} on the relative Mahalanobis distance "
-                "of the scores (fitted on the training records' scores; chosen on dev over "
-                "the top probability at every tried temperature"
-            )
-        else:
-            rule = (
-                f"threshold {f(rej.get('threshold'), 4)} on the top probability at "
-                f"temperature {f(rej.get('temperature'), 3)} (chosen with it on dev"
-            )
+        at = f" at temperature {f(rej.get('temperature'), 3)}" if "temperature" in rej else ""
+        what = {
+            "distance": "minus the relative Mahalanobis distance of the scores (fitted on the "
+            "training records' scores)",
+            "combined": f"the mean of the standardized log top probability{at} and minus the "
+            "relative Mahalanobis distance of the scores (fitted on the training records' "
+            "scores)",
+        }.get(rej.get("score"), f"the top probability{at}")
+        rule = (
+            f"threshold {f(rej.get('threshold'), 4)} on {what} (chosen on dev among the "
+            "rule's candidates"
+        )
         lines += [
             "## CLINC150 out-of-scope rejection (int8 bundle)",
             "",

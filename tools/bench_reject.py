@@ -4,13 +4,14 @@
 For a bundle exported from a CLINC150 run, each candidate score is thresholded on the
 in-scope dev records (the largest threshold losing at most ``--max-drop`` points of
 accuracy, as ``rejection_threshold``) and then scored on the test splits: in-scope
-accuracy with the threshold and out-of-scope recall. Candidates: the top probability at
-1, 2, 4, 8 and 16 times the bundle's calibration temperature (the rule's grid), the top
-score (max logit), the energy (T log-sum-exp of scores / T), the margin between the
-two top scores, and the relative Mahalanobis distance of the scores (fitted on the scores
-of ``train.csv``, as export fits it on the run's training records). The ``rule`` row is
-what export chooses: of the temperatures and the distance, the one that rejects most of
-``oos_dev.csv`` at the dev threshold. Test splits only score; nothing is chosen on them.
+accuracy with the threshold and out-of-scope recall. Candidates: the rule's own (the top
+probability at 1, 2, 4, 8 and 16 times the bundle's calibration temperature, the relative
+Mahalanobis distance of the scores, fitted on the scores of ``train.csv`` as export fits
+it on the run's training records, and the two combined at each temperature), and three it
+does not try: the top score (max logit), the energy (T log-sum-exp of scores / T) and the
+margin between the two top scores. The ``rule`` row is what export chooses: the candidate
+that rejects most of ``oos_dev.csv`` at its dev threshold. Test splits only score; nothing
+is chosen on them.
 
     python tools/bench_reject.py B            # B: an int8 or fp32 bundle of a CLINC150 run
     python tools/bench_reject.py B --query "what is the weather on mars"
@@ -42,12 +43,9 @@ def _scores(p, name: str, spec: dict, path) -> tuple[np.ndarray, np.ndarray | No
     return np.asarray(scores, dtype=np.float64), None if (gold < 0).all() else gold
 
 
-def candidates(t: float) -> dict:
-    """Score name -> function of (N, L) scores to (N,) confidence (higher: in scope)."""
-    from ptedge import calibration
-
-    def top_probability(factor):
-        return lambda s: calibration.probabilities(s, t * factor).max(-1)
+def other_scores(t: float) -> dict:
+    """Scores the rule does not try, name -> function of (N, L) scores to (N,) confidence
+    (higher: in scope): the top score, the energy and the margin of the two top scores."""
 
     def energy(s):
         z = s / t
@@ -58,8 +56,17 @@ def candidates(t: float) -> dict:
         top2 = np.sort(s, -1)[:, -2:]
         return top2[:, 1] - top2[:, 0]
 
-    out = {f"top probability, T x {f}": top_probability(f) for f in calibration.REJECT_FACTORS}
-    return out | {"max score": lambda s: s.max(-1), "energy": energy, "margin": margin}
+    return {"max score": lambda s: s.max(-1), "energy": energy, "margin": margin}
+
+
+def describe(rule: dict, t: float) -> str:
+    """A row label for one of ``rejection_rule``'s candidates."""
+    at = f", T x {rule['temperature'] / t:g}" if "temperature" in rule else ""
+    return {
+        "probability": "top probability",
+        "distance": "relative Mahalanobis distance",
+        "combined": "combined (log top probability and distance)",
+    }[rule["score"]] + at
 
 
 def main() -> None:
@@ -91,14 +98,13 @@ def main() -> None:
     )
     print("| score | oos_dev recall | test in scope (lost) | oos_test recall |")
     print("|---|---:|---:|---:|")
-    rows = dict(candidates(t))
-    rows["relative Mahalanobis distance"] = lambda s: -calibration.distances(s, distance)
     rule = calibration.rejection_rule(dev, ok_dev, oos_dev, t, a.max_drop, distance)
-    if rule["score"] == "distance":
-        rows["rule: distance"] = rows["relative Mahalanobis distance"]
-    else:
-        factor = rule["temperature"] / t
-        rows[f"rule: T x {factor:g}"] = candidates(t)[f"top probability, T x {factor:g}"]
+    rows = {
+        describe(r, t): lambda s, r=r: calibration.in_scope(s, r | {"distance": distance})
+        for r in rule["tried"]
+    }
+    rows |= other_scores(t)
+    rows[f"rule: {describe(rule, t)}"] = rows[describe(rule, t)]
     segments = spec["template"]["segments"]
     text_field = next(seg["field"] for seg in segments if "field" in seg)  # CLINC150: text
     queries, _ = p.scores([{text_field: q} for q in a.query], name) if a.query else (None, None)

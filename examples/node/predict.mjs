@@ -227,16 +227,26 @@ function distance(row, d) {
   return near - b.reduce((s, v) => s + v * v, 0);
 }
 
-// §7: a record is rejected when its scores' distance is above reject.threshold
-// (reject.score "distance"), or else when its top probability at the rejection
-// temperature (reject.temperature, else the calibration temperature) is below it.
+// §7: how in scope a row of scores looks under the rejection rule: the top probability
+// at the rejection temperature (reject.temperature, else the calibration temperature),
+// minus the distance, or the mean of the two standardized (the probability as its log).
+function inScope(row, reject, temperature) {
+  const kind = reject.score ?? "probability";
+  if (kind === "distance") return -distance(row, reject.distance);
+  if (kind !== "probability" && kind !== "combined") {
+    throw new UserError(`unknown rejection score ${kind} (a newer ptedge wrote the bundle?)`);
+  }
+  const top = Math.max(...softmax(row, reject.temperature ?? temperature));
+  if (kind === "probability") return top;
+  const [mp, sp] = reject.standardize.log_probability;
+  const [md, sd] = reject.standardize.distance;
+  return ((Math.log(top) - mp) / sp + (-distance(row, reject.distance) - md) / sd) / 2;
+}
+
+// §7: a record is rejected when it looks less in scope than reject.threshold.
 function isRejected(row, spec, temperature) {
   if (!spec.reject) return false;
-  if (spec.reject.score === "distance") {
-    return distance(row, spec.reject.distance) > spec.reject.threshold;
-  }
-  const p = softmax(row, spec.reject.temperature ?? temperature);
-  return p.reduce((a, v) => Math.max(a, v), 0) < spec.reject.threshold;
+  return inScope(row, spec.reject, temperature) < spec.reject.threshold;
 }
 
 // Python's str.strip(): whitespace per str.isspace().

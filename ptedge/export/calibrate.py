@@ -6,9 +6,9 @@ them (``ptedge.calibration``), and with ``--reject FILE`` a probability threshol
 chosen that keeps in-scope accuracy within ``--reject-max-drop`` points (the dev loss plus
 its one-sided 95% margin, so that new records stay within it too), at the
 rejection temperature that rejects most of FILE's records (``rejection_rule``), or, where
-it rejects more, a threshold on the relative Mahalanobis distance of the scores, fitted on
-the scores of the run's own training records. Both go into the task's manifest entry,
-which every client applies (``docs/bundle-format.md`` §7).
+that rejects more, a threshold on the relative Mahalanobis distance of the scores (fitted
+on the scores of the run's own training records) or on the two combined. Both go into
+the task's manifest entry, which every client applies (``docs/bundle-format.md`` §7).
 
 Dev records: ``--eval FILE`` if given, else the run's dev split (given at training, or
 carved from --train). A run trained with ``--dev none`` and exported without ``--eval``
@@ -181,21 +181,24 @@ def _distance(session, run) -> dict | None:
 
 
 def _reject(session, run, reject_file: str, scores, correct, temperature: float, max_drop: float):
-    """The rejection rule (top probability at a temperature, or distance) on in-scope dev
-    scores (N, L), and the out-of-scope recall on the ``--reject`` records."""
+    """The rejection rule (``calibration.in_scope``: top probability at a temperature,
+    distance, or both) and its threshold on in-scope dev scores (N, L), and the
+    out-of-scope recall on the ``--reject`` records."""
     oos = read_records(reject_file)
     distance = _distance(session, run)
     rule = calibration.rejection_rule(
         scores, correct, scores_of(session, run, oos), temperature, max_drop, distance
     )
-    threshold = rule["threshold"]
-    if rule["score"] == "distance":
-        how = f"relative Mahalanobis distance of the scores above {threshold:.4g}"
-        chosen = {"score": "distance", "threshold": threshold, "distance": distance}
-    else:
-        how = f"top probability at temperature {rule['temperature']:.3f} below {threshold:.4f}"
-        chosen = {"score": "probability", "threshold": threshold}
-        chosen["temperature"] = rule["temperature"]
+    threshold, kind = rule["threshold"], rule["score"]
+    at = f" at temperature {rule['temperature']:.3f}" if "temperature" in rule else ""
+    how = {
+        "probability": f"top probability{at} below {threshold:.4f}",
+        "distance": f"relative Mahalanobis distance of the scores above {-threshold:.4g}",
+        "combined": f"log top probability{at} and distance, standardized and averaged, "
+        f"below {threshold:.3f}",
+    }[kind]
+    dropped = ("recall", "accuracy_kept", "loss_bound", "tried")  # reported below instead
+    chosen = {k: v for k, v in rule.items() if k not in dropped}
     _log(
         f"rejection {run.name}: {how}; dev in-scope accuracy {correct.mean():.4f} -> "
         f"{rule['accuracy_kept']:.4f} (upper bound on the loss {rule['loss_bound']:.2f} "
