@@ -31,8 +31,8 @@ DATA = ROOT.parent / "shared" / "data"
 # What ``ptedge export`` writes, as far as cached bundles are concerned: part of every
 # bundle's cache parameters, so bump it when export output changes (bundles are rebuilt).
 EXPORT_REV = (
-    "8: static int8 with float outlier channels (weight-only blocks when the guard has too "
-    "few records), int4, causal LM builder graphs, rejection with a margin or by distance"
+    "9: static int8 with float outlier channels (weight-only blocks when the guard has too "
+    "few records), int4, causal LM builder graphs, rejection with a margin, by distance or both"
 )
 
 # -- prompts shared by both benchmarks ----------------------------------------------------
