@@ -278,8 +278,9 @@ def rejection_rule(
                 "log_probability": [float(log_top.mean()), max(float(log_top.std()), 1e-12)],
                 "distance": far_stats,
             }
-            rules.append({"score": "combined", "temperature": t, "standardize": stats})
-            rules[-1]["distance"] = distance
+            rules.append(
+                {"score": "combined", "temperature": t, "standardize": stats, "distance": distance}
+            )
     tried = [_candidate(scores, correct, oos, rule, max_drop) for rule in rules]
     best = max(tried, key=lambda r: r["recall"])  # max() keeps the first of equals
     rows = [{k: v for k, v in r.items() if k != "distance"} for r in tried]
