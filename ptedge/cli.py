@@ -546,6 +546,30 @@ def info_cmd(bundle: str) -> None:
                 f"{g['quantized_accuracy']:.4f} on {g['data']['n']} records of "
                 f"{g['data']['file']}{chance}"
             )
+        _echo_confidence(name, t)
+
+
+def _echo_confidence(name: str, task: dict) -> None:
+    """``ptedge info``'s calibration and rejection lines for one task (none when absent)."""
+    c = task.get("calibration")
+    if c:
+        data = c.get("data") if isinstance(c.get("data"), dict) else {}
+        on = f" on {data['n']} records of {data['file']}" if "n" in data else ""
+        ece = f", ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}" if "ece_after" in c else ""
+        click.echo(f"calibrated {name}: temperature {c['temperature']:.3f}{on}{ece}")
+    r = task.get("reject")
+    if r:
+        at = f" at temperature {r['temperature']:.3f}" if "temperature" in r else ""
+        what = {"distance": "minus the distance", "combined": f"combined score{at}"}.get(
+            r.get("score"), f"top probability{at}"
+        )
+        oos = r.get("out_of_scope") or {}
+        recall = (
+            f"; out-of-scope recall {oos['recall']:.3f} on {oos['n']} records of {oos['file']}"
+            if "recall" in oos
+            else ""
+        )
+        click.echo(f"rejects    {name}: {what} below {r['threshold']:.4g} (label null){recall}")
 
 
 @main.command("import-peft")

@@ -336,6 +336,23 @@ def test_cli_eval_scores_out_of_scope_records_of_a_rejecting_bundle(bundle, tmp_
     assert got["n_oos"] == 1 and got["oos_recall"] in (0.0, 1.0)
 
 
+def test_info_shows_calibration_and_rejection(bundle):
+    from click.testing import CliRunner
+
+    from ptedge.cli import main
+
+    out, _, _ = bundle
+    res = CliRunner().invoke(main, ["info", str(out)])
+    assert res.exit_code == 0, res.output
+    task = json.loads((out / "ptedge.json").read_text())["tasks"]["run"]
+    lines = {line.split()[0]: line for line in res.output.splitlines()}
+    assert (
+        f"temperature {task['calibration']['temperature']:.3f} on 18 records" in lines["calibrated"]
+    )
+    assert f"below {task['reject']['threshold']:.4g}" in lines["rejects"]
+    assert "of oos.jsonl" in lines["rejects"] and "whiten" not in res.output
+
+
 def test_reject_file_missing_a_field_fails_before_export(tiny, bundle, tmp_path):
     from conftest import write_jsonl
 
