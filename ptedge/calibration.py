@@ -242,6 +242,16 @@ def in_scope(scores: np.ndarray, rule: dict) -> np.ndarray:
     return ((log_top - mp) / sp + (-distances(scores, rule["distance"]) - md) / sd) / 2
 
 
+def describe_rule(rule: dict) -> str:
+    """In words, what a rejection ``rule`` thresholds (``in_scope``'s value), for logs and
+    reports: e.g. "top probability at temperature 1.471"."""
+    at = f" at temperature {rule['temperature']:.3f}" if "temperature" in rule else ""
+    return {
+        "distance": "minus the relative Mahalanobis distance of the scores",
+        "combined": f"mean of the standardized log top probability{at} and minus the distance",
+    }.get(rule.get("score"), f"top probability{at}")
+
+
 def rejection_rule(
     scores: np.ndarray,
     correct: np.ndarray,

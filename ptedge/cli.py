@@ -551,6 +551,8 @@ def info_cmd(bundle: str) -> None:
 
 def _echo_confidence(name: str, task: dict) -> None:
     """``ptedge info``'s calibration and rejection lines for one task (none when absent)."""
+    from ptedge.calibration import describe_rule
+
     c = task.get("calibration")
     if c:
         data = c.get("data") if isinstance(c.get("data"), dict) else {}
@@ -559,16 +561,13 @@ def _echo_confidence(name: str, task: dict) -> None:
         click.echo(f"calibrated {name}: temperature {c['temperature']:.3f}{on}{ece}")
     r = task.get("reject")
     if r:
-        at = f" at temperature {r['temperature']:.3f}" if "temperature" in r else ""
-        what = {"distance": "minus the distance", "combined": f"combined score{at}"}.get(
-            r.get("score"), f"top probability{at}"
-        )
         oos = r.get("out_of_scope") or {}
         recall = (
             f"; out-of-scope recall {oos['recall']:.3f} on {oos['n']} records of {oos['file']}"
             if "recall" in oos
             else ""
         )
+        what = describe_rule(r)
         click.echo(f"rejects    {name}: {what} below {r['threshold']:.4g} (label null){recall}")
 
 

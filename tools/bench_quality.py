@@ -925,14 +925,9 @@ def markdown(result: dict) -> str:
         spent = f"{dev_loss:.2f} points on {dev.get('n')} dev records" + (
             f", one-sided 95% upper bound {bound:.2f}" if bound is not None else ""
         )
-        at = f" at temperature {f(rej.get('temperature'), 3)}" if "temperature" in rej else ""
-        what = {
-            "distance": "minus the relative Mahalanobis distance of the scores (fitted on the "
-            "training records' scores)",
-            "combined": f"the mean of the standardized log top probability{at} and minus the "
-            "relative Mahalanobis distance of the scores (fitted on the training records' "
-            "scores)",
-        }.get(rej.get("score"), f"the top probability{at}")
+        from ptedge.calibration import describe_rule
+
+        what = f"the {describe_rule(rej)}"
         rule = (
             f"threshold {f(rej.get('threshold'), 4)} on {what} (chosen on dev among the "
             "rule's candidates"

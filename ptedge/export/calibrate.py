@@ -189,18 +189,11 @@ def _reject(session, run, reject_file: str, scores, correct, temperature: float,
     rule = calibration.rejection_rule(
         scores, correct, scores_of(session, run, oos), temperature, max_drop, distance
     )
-    threshold, kind = rule["threshold"], rule["score"]
-    at = f" at temperature {rule['temperature']:.3f}" if "temperature" in rule else ""
-    how = {
-        "probability": f"top probability{at} below {threshold:.4f}",
-        "distance": f"relative Mahalanobis distance of the scores above {-threshold:.4g}",
-        "combined": f"log top probability{at} and distance, standardized and averaged, "
-        f"below {threshold:.3f}",
-    }[kind]
     dropped = ("recall", "accuracy_kept", "loss_bound", "tried")  # reported below instead
     chosen = {k: v for k, v in rule.items() if k not in dropped}
     _log(
-        f"rejection {run.name}: {how}; dev in-scope accuracy {correct.mean():.4f} -> "
+        f"rejection {run.name}: {calibration.describe_rule(rule)} below "
+        f"{rule['threshold']:.4g}; dev in-scope accuracy {correct.mean():.4f} -> "
         f"{rule['accuracy_kept']:.4f} (upper bound on the loss {rule['loss_bound']:.2f} "
         f"points, at most {max_drop:g}), out-of-scope recall {rule['recall']:.4f} on "
         f"{len(oos)} records of {Path(reject_file).name}"
