@@ -1,5 +1,5 @@
 """The linear head fitted alone on frozen features: before training, to choose its lr; after
-training, to refit it on the trained prompt's features when dev says that is better.
+training, to refit it on the trained prompt's features as a converged logistic regression.
 
 A linear head starts from scratch, and the lr it wants can depend on the data (how many
 labels, how separable the features are): a linear probe on plain mean-pooled
@@ -9,6 +9,12 @@ once with the prompt at its start (the step-0 features, the template included), 
 head alone on them at each of ``defaults.HEAD_LRS`` over the same batches and schedule the
 run will use, and trains the run's head at the lr with the best dev accuracy. The fit
 changes only that lr: the run's random state and starting head are left as they were.
+
+After training, ``refit`` embeds the training records with the trained prompt and solves
+the L2-regularised logistic regression on those features to convergence (``fit_converged``,
+scikit-learn's default strength, C = 1). The trained head is an SGD snapshot of a head that
+learned while its features moved; the converged fit is the regularised optimum on the
+features the bundle will compute, with no lr or step count to choose.
 
 Also here, because the probe must train exactly as the run does: the seeded batch order
 and the warm-up/decay schedule ``ptedge.train`` uses. Benchmarks use the same functions
@@ -28,6 +34,8 @@ from ptedge import defaults
 
 FEATURE_BATCH = 64  # records per forward pass when embedding
 DEV_MAX = 5000  # dev records that judge the candidate lrs (the whole dev split, up to this)
+REFIT_C = 1.0  # inverse L2 strength of the refit, per record (scikit-learn's default C)
+REFIT_MAX_ITER = 500  # L-BFGS iterations; the convex fits here converge in far fewer
 
 
 def batch_order(n: int, steps: int, batch: int, seed: int) -> list[list[int]]:
@@ -124,23 +132,48 @@ def choose(
     examples: (record, label index) pairs the run trains on; dev: (record, label index).
     Only the training records the run's ``steps`` batches draw are embedded.
     """
-    _, by_lr, _ = _fit_candidates(
+    _, by_lr = _fit_candidates(
         job, examples, dev, steps, batch, seed, warmup, progress, "step-0 features"
     )
     return defaults.best_head_lr(by_lr), by_lr
 
 
+def fit_converged(x: torch.Tensor, y: torch.Tensor, n_labels: int, c: float = REFIT_C):
+    """Linear(H, n_labels) minimising mean cross-entropy on features x (N, H) with labels
+    y (N,) plus ||W||^2 / (2 C N): scikit-learn's ``LogisticRegression(C=c)`` objective
+    divided by N (the bias is not penalised), solved by L-BFGS from zero, so the result
+    does not depend on any random state."""
+    head = torch.nn.Linear(x.shape[1], n_labels)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    l2 = 1.0 / (c * len(x))
+    opt = torch.optim.LBFGS(
+        head.parameters(),
+        lr=1.0,
+        max_iter=REFIT_MAX_ITER,
+        history_size=20,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
+
+    def objective():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(x), y) + 0.5 * l2 * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(objective)
+    return head
+
+
 def _fit_candidates(job, examples, dev, steps, batch, seed, warmup, progress, desc):
-    """({lr: head}, {lr: dev accuracy}, (x_dev (D, H), y_dev (D,))): the head fitted alone at
-    each of ``defaults.HEAD_LRS`` on the features ``job``'s model gives now."""
+    """({lr: head}, {lr: dev accuracy}): the head fitted alone at each of
+    ``defaults.HEAD_LRS`` on the features ``job``'s model gives now."""
     batches = batch_order(len(examples), steps, batch, seed)
     used = sorted({i for b in batches for i in b})
     row = {i: k for k, i in enumerate(used)}
-    texts = [examples[i][0] for i in used] + [r for r, _ in dev]
-    x_all = features(job, texts, progress, desc)  # (U + D, H)
-    x, x_dev = x_all[: len(used)], x_all[len(used) :]  # (U, H), (D, H)
-    y = torch.tensor([examples[i][1] for i in used])  # (U,)
-    y_dev = torch.tensor([t for _, t in dev])  # (D,)
+    x, y, x_dev, y_dev = _embed(job, [examples[i] for i in used], dev, progress, desc)
     mapped = [[row[i] for i in b] for b in batches]
     heads, by_lr = {}, {}
     with torch.random.fork_rng():  # the run's own random state is left as it was
@@ -148,22 +181,33 @@ def _fit_candidates(job, examples, dev, steps, batch, seed, warmup, progress, de
             heads[lr] = fit_head(x, y, mapped, job.model.head.out_features, lr, seed, warmup)
             with torch.no_grad():
                 by_lr[lr] = float((heads[lr](x_dev).argmax(-1) == y_dev).float().mean())
-    return heads, by_lr, (x_dev, y_dev)
+    return heads, by_lr
 
 
-def refit(job, examples, dev, steps, batch, seed, warmup, progress: bool = False):
-    """The head fitted anew on the trained prompt's features, when dev prefers it.
+def _embed(job, pairs, dev, progress, desc):
+    """(x (U, H), y (U,), x_dev (D, H), y_dev (D,)): features of the (record, label) pairs
+    and of the dev pairs under ``job``'s model as it is now."""
+    x_all = features(job, [r for r, _ in pairs] + [r for r, _ in dev], progress, desc)
+    y = torch.tensor([t for _, t in pairs])  # (U,)
+    y_dev = torch.tensor([t for _, t in dev])  # (D,)
+    return x_all[: len(pairs)], y, x_all[len(pairs) :], y_dev
 
-    Returns (head or None, {lr: dev accuracy}, (b, c)): the best candidate by dev accuracy
-    (``defaults.best_head_lr``), or None when the trained head ``job.model.head`` stays;
-    b = dev records only the refit gets right, c = those only the trained head gets right.
+
+def refit(job, examples, dev, steps, batch, seed, progress: bool = False):
+    """The head fitted anew on the trained prompt's features (``fit_converged``), unless dev
+    prefers the trained head beyond chance.
+
+    Returns (head or None, {"refit": dev accuracy, "trained": dev accuracy}, (b, c)): None
+    when the trained head ``job.model.head`` stays; b = dev records only the refit gets
+    right, c = those only the trained head gets right. The refit sees the training records
+    the run's ``steps`` batches drew, as the head did.
     """
-    heads, by_lr, (x_dev, y_dev) = _fit_candidates(
-        job, examples, dev, steps, batch, seed, warmup, progress, "final features"
-    )
-    lr = defaults.best_head_lr(by_lr)
+    used = sorted({i for b in batch_order(len(examples), steps, batch, seed) for i in b})
+    x, y, x_dev, y_dev = _embed(job, [examples[i] for i in used], dev, progress, "final features")
+    head = fit_converged(x, y, job.model.head.out_features)
     with torch.no_grad():
-        new = heads[lr](x_dev).argmax(-1) == y_dev  # (D,)
+        new = head(x_dev).argmax(-1) == y_dev  # (D,)
         old = job.model.head(x_dev.to(job.device)).argmax(-1).cpu() == y_dev  # (D,)
     counts = (int((new & ~old).sum()), int((~new & old).sum()))
-    return (heads[lr] if defaults.keeps_refit(*counts) else None), by_lr, counts
+    acc = {"refit": float(new.float().mean()), "trained": float(old.float().mean())}
+    return (head if defaults.keeps_refit(*counts) else None), acc, counts

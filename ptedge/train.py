@@ -494,19 +494,20 @@ def _start_head(job, examples, dev, steps, args, progress) -> defaults.Choice:
 
 def _refit_head(job, examples, dev, steps, args, progress) -> defaults.Choice:
     """The head fitted anew on the trained prompt's features; it replaces the trained head
-    in ``job.model`` when dev prefers it beyond chance (``head_fit.refit``)."""
+    in ``job.model`` unless dev prefers the trained head beyond chance (``head_fit.refit``)."""
     if progress:
         print(
-            "refitting the linear head on the trained prompt's features, judged against the "
-            f"trained head on {len(dev)} dev records",
+            "refitting the linear head on the trained prompt's features (a logistic "
+            f"regression solved to convergence), checked against the trained head on {len(dev)} "
+            "dev records",
             file=sys.stderr,
         )
-    new, by_lr, counts = head_fit.refit(
-        job, examples, dev, steps, args.batch_size, args.seed, args.warmup, progress
+    new, dev_acc, counts = head_fit.refit(
+        job, examples, dev, steps, args.batch_size, args.seed, progress
     )
     if new is not None:
         job.model.head.load_state_dict(new.state_dict())
-    choice = defaults.head_refit(new is not None, by_lr, counts, len(dev))
+    choice = defaults.head_refit(new is not None, dev_acc, counts, len(dev))
     if progress:
         print(f"head refit: {choice.why}", file=sys.stderr)
     return choice

@@ -40,7 +40,7 @@ def _run(seed, fp32, int8, refit="trained"):
 def test_summary_is_int8_minus_probe_per_seed_with_its_standard_error():
     runs = [_run(0, 0.925, 0.920), _run(1, 0.930, 0.930), _run(2, 0.920, 0.925)]
     probes = [
-        {"task": "banking77", "seed": s, "accuracy": a, "lr": 0.03}
+        {"task": "banking77", "seed": s, "accuracy": a, "fit": "lr 0.03"}
         for s, a in ((0, 0.924), (1, 0.926), (2, 0.925))
     ]
     cells = bs.summarise(runs, probes)["banking77"]

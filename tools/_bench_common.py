@@ -35,6 +35,10 @@ EXPORT_REV = (
     "few records), int4, causal LM builder graphs, rejection with a margin, by distance or both"
 )
 
+# What ``ptedge train`` does with a linear head beyond its flags: part of the cache parameters
+# of linear-head runs, so bump it when that changes (the runs are retrained).
+LINEAR_HEAD_REV = "2: the head refitted after training as a converged logistic regression"
+
 # -- prompts shared by both benchmarks ----------------------------------------------------
 # BANKING77 on MiniLM (linear head): 6 pseudo tokens around the text; PEFT gets 6 virtual
 # tokens in front (its only placement).

@@ -199,7 +199,7 @@ def summarise(runs: list[dict], probes: list[dict]) -> dict:
                 "fp32": r["fp32"]["accuracy"],
                 "int8": r["int8"]["accuracy"],
                 "probe": p["accuracy"],
-                "probe_lr": p["lr"],
+                "probe_fit": p["fit"],
                 "n": r["int8"]["n"],
             }
         )

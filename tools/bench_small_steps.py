@@ -125,7 +125,7 @@ def run_one(work: Path, model: Path, name: str, seed: int, candidate: str) -> di
 
 
 def probe(work: Path, model: Path, name: str, seed: int, rule: dict) -> dict:
-    """The quality benchmark's linear probe (mean-pooled frozen MiniLM, lr chosen on dev)
+    """The quality benchmark's linear probe (mean-pooled frozen MiniLM, its fit chosen on dev)
     on the records and budget of the rule's run (its carved dev split), scored on the same
     held-out records; cached."""
     res_file = work / "results" / f"{name}-s{seed}__probe.json"
