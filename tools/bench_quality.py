@@ -907,7 +907,13 @@ def markdown(result: dict) -> str:
                 f"{f(_acc(r['peft']))} | {f(r['linear_probe']['accuracy'])} | "
                 f"{_ece(i8)} | {verdict}{extra} |"
             )
+        fits = "; ".join(f"{t}: {result[t]['linear_probe'].get('fit', 'SGD')}" for t in enc)
         lines += [
+            "",
+            "Linear probe: `Linear(H, labels)` on mean-pooled frozen all-MiniLM-L6-v2 embeddings "
+            "of the same training records, the better on dev of SGD at ptedge's budget (lr "
+            f"{', '.join(f'{lr:g}' for lr in PROBE_LRS)}) and a logistic regression solved to "
+            f"convergence (`{CONVERGED}`, scikit-learn's default strength); picked: {fits}.",
             "",
             "Commands (one per task; `ptedge export RUN --out B --quantize int8` after):",
             "",
