@@ -57,6 +57,6 @@ def test_summary_is_int8_minus_probe_per_seed_with_its_standard_error():
         "tasks": {"banking77": cells},
     }
     md = bs.markdown(result)
-    assert "| banking77 | 0 | 602 × 32 | trained | 0.9250 | 0.9200 | 0.9240 | -4 |" in md
+    assert "| banking77 | 0 | 602 × 32 | trained | 0.9250 | 0.9200 | 0.9240 (lr 0.03) | -4 |" in md
     assert "mean +0.00 ± 0.23 (level or ahead on 2 of 3 seeds; n = 1000)" in md
     assert "training took 30 min over the 3 runs" in md
