@@ -452,6 +452,9 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         if head_dev is not None:
             refit = _refit_head(job, examples, head_dev, steps, args, progress)
             cfg.defaults["head_refit"] = refit.as_dict()
+            if refit.value == "refit" and cfg.best is not None:
+                # the saved model's dev metrics: the kept step's prompt with the refitted head
+                cfg.best |= {f"dev_{k}": v for k, v in evaluate(job, dev_eval).items()}
         model.save_weights(out)
         cfg.save(out)
         _plot(out / METRICS, out / CURVE)

@@ -353,9 +353,11 @@ def test_page_weight_only_bundle_agrees_with_python(banking77_run, web_client, t
     pairs = list(zip(page, python, strict=True))
     differ = [i for i, (w, p) in enumerate(pairs) if w["label"] != p["label"]]
     # measured on a 20-per-intent run's bundle: 1 of 100 labels, scores up to 0.024 apart
+    # with the SGD-trained head; 0.115 with the converged refit (57cca39), whose sharper
+    # logits turn the same activation differences into larger probability ones
     assert len(differ) <= 3, [(records[i], page[i]["score"], python[i]["score"]) for i in differ]
     gap = max(abs(w["score"] - p["score"]) for w, p in pairs)
-    assert gap < 0.05, gap
+    assert gap < 0.15, gap
 
 
 @pytest.mark.slow
