@@ -131,6 +131,18 @@ def head_refit(kept: bool, dev_acc: dict[str, float], counts: tuple[int, int], n
     )
 
 
+def head_data(n_train: int, n_dev: int, without_dev_file: str) -> Choice:
+    """Which records the shipped head is fitted on, when dev was carved from --train."""
+    return Choice(
+        "training and dev records",
+        f"the head that ships is the refit solved again on the {n_train} training records and "
+        f"the {n_dev} dev records carved from the same file: they were lent to judge the run, "
+        "and a probe fitted on the whole file learns from them too (docs/results/defaults.md); "
+        f"dev's verdicts, and export's calibration, use the fit without them "
+        f"({without_dev_file})",
+    )
+
+
 def head_lr_on_dev(lr: float, dev_by_lr: dict[float, float], prompt_lr: float) -> Choice:
     """The linear head's peak lr as chosen on dev by ``ptedge.head_fit.choose``."""
     tried = ", ".join(f"{k:g}: {v:.3f}" for k, v in dev_by_lr.items())

@@ -14,7 +14,10 @@ After training, ``refit`` embeds the training records with the trained prompt an
 the L2-regularised logistic regression on those features to convergence (``fit_converged``,
 scikit-learn's default strength, C = 1). The trained head is an SGD snapshot of a head that
 learned while its features moved; the converged fit is the regularised optimum on the
-features the bundle will compute, with no lr or step count to choose.
+features the bundle will compute, with no lr or step count to choose. When the dev split
+was carved from the training file, the head that ships is solved once more with the dev
+records added: they were lent to judge the run, and a probe fitted on the user's whole
+file would have them too.
 
 Also here, because the probe must train exactly as the run does: the seeded batch order
 and the warm-up/decay schedule ``ptedge.train`` uses. Benchmarks use the same functions
@@ -27,6 +30,7 @@ pooling (``PTuningModel.features``).
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -193,21 +197,44 @@ def _embed(job, pairs, dev, progress, desc):
     return x_all[: len(pairs)], y, x_all[len(pairs) :], y_dev
 
 
-def refit(job, examples, dev, steps, batch, seed, progress: bool = False):
-    """The head fitted anew on the trained prompt's features (``fit_converged``), unless dev
-    prefers the trained head beyond chance.
+@dataclass
+class Refit:
+    """What ``refit`` found. ``head``: the refit, or None when the trained head stays;
+    ``with_dev``: the same fit on the training records and the dev records together (only
+    when asked for and the refit replaces the trained head); ``dev_accuracy``: {"refit",
+    "trained"}; ``counts``: (b, c), dev records only the refit / only the trained head gets
+    right; ``n_fit``, ``n_dev``: training and dev records the fits saw."""
 
-    Returns (head or None, {"refit": dev accuracy, "trained": dev accuracy}, (b, c)): None
-    when the trained head ``job.model.head`` stays; b = dev records only the refit gets
-    right, c = those only the trained head gets right. The refit sees the training records
-    the run's ``steps`` batches drew, as the head did.
+    head: torch.nn.Linear | None
+    with_dev: torch.nn.Linear | None
+    dev_accuracy: dict[str, float]
+    counts: tuple[int, int]
+    n_fit: int
+    n_dev: int
+
+
+def refit(job, examples, dev, steps, batch, seed, progress: bool = False, with_dev: bool = False):
+    """The head fitted anew on the trained prompt's features (``fit_converged``), unless dev
+    prefers the trained head beyond chance; a ``Refit``.
+
+    The refit sees the training records the run's ``steps`` batches drew, as the head did.
+    ``with_dev`` (the dev records were carved from the training file): when the refit
+    replaces the trained head, it is also solved on those records and the dev records
+    together, so that the head the run ships learns from every labelled record the user
+    gave; the fit without them is what dev judged, and what export calibrates on.
     """
     used = sorted({i for b in batch_order(len(examples), steps, batch, seed) for i in b})
     x, y, x_dev, y_dev = _embed(job, [examples[i] for i in used], dev, progress, "final features")
-    head = fit_converged(x, y, job.model.head.out_features)
+    n_labels = job.model.head.out_features
+    head = fit_converged(x, y, n_labels)
     with torch.no_grad():
         new = head(x_dev).argmax(-1) == y_dev  # (D,)
         old = job.model.head(x_dev.to(job.device)).argmax(-1).cpu() == y_dev  # (D,)
     counts = (int((new & ~old).sum()), int((~new & old).sum()))
     acc = {"refit": float(new.float().mean()), "trained": float(old.float().mean())}
-    return (head if defaults.keeps_refit(*counts) else None), acc, counts
+    if not defaults.keeps_refit(*counts):
+        return Refit(None, None, acc, counts, len(used), len(dev))
+    both = None
+    if with_dev:
+        both = fit_converged(torch.cat([x, x_dev]), torch.cat([y, y_dev]), n_labels)
+    return Refit(head, both, acc, counts, len(used), len(dev))

@@ -301,6 +301,9 @@ class PTuningModel(nn.Module):
 
 ENCODER_FILE = "prompt_encoder.safetensors"
 HEAD_FILE = "head.safetensors"
+# the refitted head dev judged, when the one in HEAD_FILE was also fitted on the dev records
+# carved from --train (``ptedge.train``); export calibrates on it (``ptedge.export.runs``)
+HEAD_WITHOUT_DEV_FILE = "head.without_dev.safetensors"
 
 
 def compile_for(

@@ -35,7 +35,16 @@ from ptedge import checkpoint, defaults, head_fit
 from ptedge.checks import check_records
 from ptedge.config import RunConfig
 from ptedge.data import Records, labels_of, read_records, require_fields, write_jsonl
-from ptedge.model import build_for_run, compile_for, eos_id, is_causal, load_backbone, pad_id
+from ptedge.model import (
+    HEAD_FILE,
+    HEAD_WITHOUT_DEV_FILE,
+    build_for_run,
+    compile_for,
+    eos_id,
+    is_causal,
+    load_backbone,
+    pad_id,
+)
 from ptedge.targets import accuracy, class_targets, exact_match, vocab_targets
 from ptedge.template import encode, fields_of, lengths, parse, pseudo_count
 
@@ -450,11 +459,19 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
                 **{f"dev_{k}": v for k, v in evaluate(job, dev_eval).items()},
             }
         if head_dev is not None:
-            refit = _refit_head(job, examples, head_dev, steps, args, progress)
-            cfg.defaults["head_refit"] = refit.as_dict()
-            if refit.value == "refit" and cfg.best is not None:
-                # the saved model's dev metrics: the kept step's prompt with the refitted head
+            carved = dev_split["source"] == "carved"
+            refit = _refit_head(job, examples, head_dev, steps, args, progress, carved)
+            cfg.defaults["head_refit"] = defaults.head_refit(
+                refit.head is not None, refit.dev_accuracy, refit.counts, len(head_dev)
+            ).as_dict()
+            if refit.head is not None and cfg.best is not None:
+                # dev metrics of the kept step's prompt with the refit (dev records not in it)
                 cfg.best |= {f"dev_{k}": v for k, v in evaluate(job, dev_eval).items()}
+            if refit.with_dev is not None:
+                _ship_head_with_dev(job, refit, out, progress)
+                cfg.defaults["head_data"] = defaults.head_data(
+                    refit.n_fit, refit.n_dev, HEAD_WITHOUT_DEV_FILE
+                ).as_dict()
         model.save_weights(out)
         cfg.save(out)
         _plot(out / METRICS, out / CURVE)
@@ -495,9 +512,10 @@ def _start_head(job, examples, dev, steps, args, progress) -> defaults.Choice:
     return defaults.head_lr_on_dev(lr, by_lr, args.lr)
 
 
-def _refit_head(job, examples, dev, steps, args, progress) -> defaults.Choice:
+def _refit_head(job, examples, dev, steps, args, progress, carved: bool) -> head_fit.Refit:
     """The head fitted anew on the trained prompt's features; it replaces the trained head
-    in ``job.model`` unless dev prefers the trained head beyond chance (``head_fit.refit``)."""
+    in ``job.model`` unless dev prefers the trained head beyond chance (``head_fit.refit``).
+    ``carved``: dev was carved from --train, so the fit is also solved with it."""
     if progress:
         print(
             "refitting the linear head on the trained prompt's features (a logistic "
@@ -505,15 +523,32 @@ def _refit_head(job, examples, dev, steps, args, progress) -> defaults.Choice:
             "dev records",
             file=sys.stderr,
         )
-    new, dev_acc, counts = head_fit.refit(
-        job, examples, dev, steps, args.batch_size, args.seed, progress
+    refit = head_fit.refit(
+        job, examples, dev, steps, args.batch_size, args.seed, progress, with_dev=carved
     )
-    if new is not None:
-        job.model.head.load_state_dict(new.state_dict())
-    choice = defaults.head_refit(new is not None, dev_acc, counts, len(dev))
+    if refit.head is not None:
+        job.model.head.load_state_dict(refit.head.state_dict())
     if progress:
+        kept = refit.head is not None
+        choice = defaults.head_refit(kept, refit.dev_accuracy, refit.counts, len(dev))
         print(f"head refit: {choice.why}", file=sys.stderr)
-    return choice
+    return refit
+
+
+def _ship_head_with_dev(job, refit: head_fit.Refit, out: Path, progress: bool) -> None:
+    """Save the refit dev judged as ``HEAD_WITHOUT_DEV_FILE`` (export calibrates on it), and
+    make the fit with the dev records the run's head."""
+    from safetensors.torch import save_file
+
+    save_file(job.model.trainable_state()[HEAD_FILE], str(out / HEAD_WITHOUT_DEV_FILE))
+    job.model.head.load_state_dict(refit.with_dev.state_dict())
+    if progress:
+        print(
+            f"head: solved again with the dev records added ({refit.n_fit} training + "
+            f"{refit.n_dev} dev records); the fit dev judged is kept as {HEAD_WITHOUT_DEV_FILE} "
+            "for export's calibration",
+            file=sys.stderr,
+        )
 
 
 def _say_choices(chosen: dict[str, defaults.Choice], dev_split: dict, args: TrainArgs) -> None:

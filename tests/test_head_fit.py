@@ -121,12 +121,18 @@ def test_refit_beats_a_spoiled_head_on_the_final_features(tiny, intents, tmp_pat
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))  # always the third label
-    head, acc, (b, c) = head_fit.refit(job, pairs[::2], pairs[1::2], 40, 8, 0)
-    assert head is not None and b > c and acc["refit"] > 0.9 > acc["trained"]
+    refit = head_fit.refit(job, pairs[::2], pairs[1::2], 40, 8, 0)
+    (b, c), acc = refit.counts, refit.dev_accuracy
+    assert refit.head is not None and b > c and acc["refit"] > 0.9 > acc["trained"]
+    assert refit.with_dev is None  # not asked for
+    both = head_fit.refit(job, pairs[::2], pairs[1::2], 40, 8, 0, with_dev=True).with_dev
+    assert both is not None and not torch.equal(both.weight, refit.head.weight)
 
 
 @pytest.mark.parametrize("kept", [True, False])
 def test_the_run_saves_the_head_the_refit_chose(tiny, intents, tmp_path, monkeypatch, kept):
+    """Kept: the run's head is the refit solved with the carved dev records too, and the
+    refit dev judged is saved beside it; not kept: the trained head, alone."""
     from safetensors.torch import load_file
 
     seen = {}
@@ -134,19 +140,25 @@ def test_the_run_saves_the_head_the_refit_chose(tiny, intents, tmp_path, monkeyp
 
     def spy(job, *a, **kw):
         seen["trained"] = {k: v.clone() for k, v in job.model.head.state_dict().items()}
-        head, acc, counts = real_refit(job, *a, **kw)
-        seen["refit"] = head
-        return head, acc, counts
+        seen["refit"] = real_refit(job, *a, **kw)
+        return seen["refit"]
 
     monkeypatch.setattr(head_fit, "refit", spy)
     monkeypatch.setattr(defaults, "keeps_refit", lambda b, c: kept)
-    cfg = _train(tiny, intents, tmp_path / "run", steps=6)
-    saved = load_file(tmp_path / "run" / "head.safetensors")
-    want = seen["refit"].state_dict() if kept else seen["trained"]
-    assert (seen["refit"] is not None) == kept
+    run = tmp_path / "run"
+    cfg = _train(tiny, intents, run, steps=6)
+    saved = load_file(run / "head.safetensors")
+    refit = seen["refit"]
+    assert (refit.head is not None) == kept == (refit.with_dev is not None)
+    want = refit.with_dev.state_dict() if kept else seen["trained"]
     assert all(torch.equal(v, want[k.split(".")[-1]]) for k, v in saved.items())
+    assert (run / "head.without_dev.safetensors").is_file() == kept
+    if kept:
+        judged = load_file(run / "head.without_dev.safetensors")
+        assert all(torch.equal(v, refit.head.state_dict()[k]) for k, v in judged.items())
     assert cfg.defaults["head_refit"]["value"] == ("refit" if kept else "trained")
     assert "dev records" in cfg.defaults["head_refit"]["why"]
+    assert ("head_data" in cfg.defaults) == kept
 
 
 def test_features_come_back_in_the_records_order(tiny, intents, tmp_path):

@@ -6,7 +6,8 @@ fused PyTorch graph (``parity``), export ONNX (``task_graph``, or ``decoder`` fo
 ``--head generate``), check onnxruntime against PyTorch on real records (``parity``),
 then optionally int8 or int4 under an accuracy guard (``quantize``) or fp16 for GPUs (``half``,
 checked again), calibrate the shipped model's scores and fit a rejection threshold
-(``calibrate``), ORT format for mobile (``mobile``), and write the bundle atomically
+(``calibrate``), swap in heads that were also fitted on the dev records those steps judged
+on (``final_heads``), ORT format for mobile (``mobile``), and write the bundle atomically
 (``bundle``). Llama-style causal LMs take another road to the same files: their graphs
 come from onnxruntime-genai's builder (``causal``), quantized by it under the same guard,
 and a generation run can also be written as a folder onnxruntime-genai loads (``genai``).
@@ -23,7 +24,7 @@ from pathlib import Path
 from ptedge.checks import check_export_data
 from ptedge.decoding import empty_past
 from ptedge.defaults import REJECT_MAX_DROP
-from ptedge.export import causal
+from ptedge.export import causal, final_heads
 from ptedge.export.bundle import atomic_folder, check_out, store_weights_apart, write_manifest
 from ptedge.export.calibrate import calibrate, check_inputs
 from ptedge.export.decoder import export_decoder
@@ -167,6 +168,7 @@ def _write_built(tmp: Path, runs, samples, args: ExportArgs) -> dict:
     task_extra = calibrate(
         session(tmp / model_file), runs, args.eval_file, args.reject, args.reject_max_drop
     )
+    _swap_final_heads(tmp / model_file, runs, samples, task_extra)
     ort_entry = None
     if args.format == "ort":
         from ptedge.export.mobile import convert_to_ort
@@ -234,6 +236,7 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
     extra = calibrate(
         session(tmp / model_file), runs, args.eval_file, args.reject, args.reject_max_drop
     )
+    _swap_final_heads(tmp / model_file, runs, samples, extra)
     store_weights_apart(tmp / model_file)
     ort_entry = None
     if args.format == "ort":
@@ -243,6 +246,13 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
         feeds = None if generative else graph_inputs(runs[0], samples[0])
         ort_entry = convert_to_ort(tmp, model_file, feeds=feeds)
     return _finish(tmp, runs, args, model_file, inputs, outputs, parity, quant, ort_entry, extra)
+
+
+def _swap_final_heads(path: Path, runs, samples, task_extra: dict) -> None:
+    """Ship the heads fitted with the carved dev records, now that every judgement on those
+    records is made (``final_heads``); the manifest says so under ``head_fit``."""
+    for name, report in final_heads.swap_in(path, runs, samples).items():
+        task_extra.setdefault(name, {})["head_fit"] = report
 
 
 def _finish(

@@ -1,7 +1,11 @@
 """Loading trained runs for export: one shared backbone, the runs' models and templates.
 
 ``load_runs`` rebuilds each run folder's training-time model on one backbone and lays
-the tasks' pseudo ids out one after another (task t's prompt starts at ``V + offset``);
+the tasks' pseudo ids out one after another (task t's prompt starts at ``V + offset``).
+A run whose head was also fitted on its carved dev records comes with the fit dev judged
+in place (``head.without_dev.safetensors``), and its shipped head in ``final_head``: every
+check on dev records is made without them, and ``ptedge.export.final_heads`` swaps the
+shipped head in at the end;
 ``parity_records`` picks the real records every export check is run on.
 
 Not responsible for: fusing (``ptedge.fuse``), ONNX, checks, bundle files.
@@ -18,7 +22,7 @@ import torch
 from ptedge.config import RunConfig
 from ptedge.data import read_records
 from ptedge.fuse import FusedTask
-from ptedge.model import build_for_run, load_backbone
+from ptedge.model import HEAD_WITHOUT_DEV_FILE, build_for_run, load_backbone
 from ptedge.template import record_fields, with_pseudo_base
 
 PARITY_RECORDS = 32  # real records compared at export
@@ -31,6 +35,7 @@ class LoadedRun:
     task: FusedTask
     tok: object
     compiled: dict  # compiled template with the bundle's pseudo base
+    final_head: dict | None = None  # the head the bundle ships, when not the one loaded
 
 
 def load_runs(run_dirs: list[str]) -> tuple[list[LoadedRun], torch.nn.Module]:
@@ -50,10 +55,24 @@ def load_runs(run_dirs: list[str]) -> tuple[list[LoadedRun], torch.nn.Module]:
         model, tok, compiled, _ = build_for_run(cfg, backbone)
         model.load_weights(d)
         model.eval()
+        final = _judge_without_dev(model, Path(d))
         compiled = with_pseudo_base(compiled, cfg.vocab_size + offset)
-        loaded.append(LoadedRun(name, cfg, FusedTask(name, model, offset), tok, compiled))
+        loaded.append(LoadedRun(name, cfg, FusedTask(name, model, offset), tok, compiled, final))
         offset += cfg.n_pseudo
     return loaded, backbone
+
+
+def _judge_without_dev(model, run_dir: Path) -> dict | None:
+    """Put the head fitted without the dev records in place, if the run has one; returns
+    the run's own head (state dict), which the bundle ships, or None."""
+    path = run_dir / HEAD_WITHOUT_DEV_FILE
+    if model.head is None or not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    final = {k: v.clone() for k, v in model.head.state_dict().items()}
+    model.head.load_state_dict(load_file(str(path)))
+    return final
 
 
 def parity_records(run: LoadedRun, eval_file: str | None, n: int = PARITY_RECORDS) -> list[dict]:
