@@ -102,7 +102,9 @@ def _verbalizer(value: str | None) -> dict[str, str] | None:
     help="Dev data: evaluated periodically, keeping the latest prompt within a standard error "
     "of the best dev accuracy; later used by export for "
     "the int8 guard and the calibration. Default: a seeded, stratified 10% of --train (at "
-    "most 1000 records) held out and saved in the run folder; `none`: no dev split.",
+    "most 1000 records) held out and saved in the run folder, which joins the linear head's "
+    "final fit once it has judged the run (export still calibrates without it); `none`: no "
+    "dev split.",
 )
 @click.option(
     "--template",
