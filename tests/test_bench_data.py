@@ -52,3 +52,26 @@ def test_builtin_name_and_missing_folder_refused(tmp_path):
         )
     with pytest.raises(SystemExit, match="not a folder"):
         bq.data_task(tmp_path / "absent", "t", "l")
+
+
+def test_debian_descriptions_become_one_record_per_source_package():
+    import debian_sets as ds
+
+    words = " ".join(f"w{i}" for i in range(30))
+    packages = (
+        "Package: a\nSection: games\nDescription-md5: m1\n\n"
+        "Package: a-data\nSource: a\nSection: games\nDescription-md5: m2\n\n"
+        "Package: b\nSection: sound\nDescription-md5: m3\n\n"
+        "Package: c\nSection: libs\nDescription-md5: m1\n\n"
+        "Package: d\nSection: web\nDescription-md5: m4\n"
+    )
+    descriptions = (
+        f"Package: a\nDescription-md5: m1\nDescription-en: a game\n {words}\n .\n more\n\n"
+        f"Package: a-data\nDescription-md5: m2\nDescription-en: its data\n {words}\n\n"
+        f"Package: b\nDescription-md5: m3\nDescription-en: too short\n a few words\n\n"
+        f"Package: d\nDescription-md5: m4\nDescription-en: a browser\n {words}\n"
+    )
+    got = ds.by_section(packages, descriptions)
+    assert set(got) == {"games", "web"}  # libs is not a section used; b is too short
+    assert got["games"] == {"a": f"a game. {words} more"}  # a-data shares a's source
+    assert got["web"]["d"].startswith("a browser. w0 w1")
