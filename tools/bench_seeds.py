@@ -126,6 +126,7 @@ def probe(work: Path, model: Path, task: str, seed: int, run: dict) -> dict:
         run["steps"],
         run["batch_size"],
         seed=seed,
+        with_dev=not spec["dev"],
     )
     result |= {"task": task, "seed": seed}
     res_file.write_text(json.dumps(result) + "\n")
