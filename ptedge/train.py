@@ -460,10 +460,8 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
             }
         if head_dev is not None:
             carved = dev_split["source"] == "carved"
-            refit = _refit_head(job, examples, head_dev, steps, args, progress, carved)
-            cfg.defaults["head_refit"] = defaults.head_refit(
-                refit.head is not None, refit.dev_accuracy, refit.counts, len(head_dev)
-            ).as_dict()
+            refit, choice = _refit_head(job, examples, head_dev, steps, args, progress, carved)
+            cfg.defaults["head_refit"] = choice.as_dict()
             if refit.head is not None and cfg.best is not None:
                 # dev metrics of the kept step's prompt with the refit (dev records not in it)
                 cfg.best |= {f"dev_{k}": v for k, v in evaluate(job, dev_eval).items()}
@@ -512,7 +510,9 @@ def _start_head(job, examples, dev, steps, args, progress) -> defaults.Choice:
     return defaults.head_lr_on_dev(lr, by_lr, args.lr)
 
 
-def _refit_head(job, examples, dev, steps, args, progress, carved: bool) -> head_fit.Refit:
+def _refit_head(
+    job, examples, dev, steps, args, progress, carved: bool
+) -> tuple[head_fit.Refit, defaults.Choice]:
     """The head fitted anew on the trained prompt's features; it replaces the trained head
     in ``job.model`` unless dev prefers the trained head beyond chance (``head_fit.refit``).
     ``carved``: dev was carved from --train, so the fit is also solved with it."""
@@ -528,11 +528,10 @@ def _refit_head(job, examples, dev, steps, args, progress, carved: bool) -> head
     )
     if refit.head is not None:
         job.model.head.load_state_dict(refit.head.state_dict())
+    choice = defaults.head_refit(refit.head is not None, refit.dev_accuracy, refit.counts, len(dev))
     if progress:
-        kept = refit.head is not None
-        choice = defaults.head_refit(kept, refit.dev_accuracy, refit.counts, len(dev))
         print(f"head refit: {choice.why}", file=sys.stderr)
-    return refit
+    return refit, choice
 
 
 def _ship_head_with_dev(job, refit: head_fit.Refit, out: Path, progress: bool) -> None:
