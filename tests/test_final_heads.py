@@ -84,3 +84,24 @@ def test_export_calibrates_without_dev_and_ships_the_head_with_it(
         loaded.task.model.head.load_state_dict(loaded.final_head)
         ref = unfused_scores(loaded, records)
         assert np.abs(ref - scores).max() <= PARITY_ATOL
+
+
+def test_a_head_not_found_in_the_graph_stays_the_judged_one(tiny, intents, tmp_path, monkeypatch):
+    from ptedge.export import final_heads
+
+    run = tmp_path / "run"
+    _train(tiny, intents, run)
+    monkeypatch.setattr(final_heads, "_matches", lambda model, old: [])
+    out = tmp_path / "b"
+    export(ExportArgs(runs=[str(run)], out=str(out)))
+    task = json.loads((out / "ptedge.json").read_text())["tasks"]["run"]
+    assert task["head_fit"]["fit"] == "training records (dev records not added)"
+    assert "0 and 0 found" in task["head_fit"]["why"]
+    # the bundle scores as the judged head does
+    from ptedge.export.runs import load_runs
+    from ptedge.export.scoring import unfused_scores
+
+    (loaded,), _ = load_runs([str(run)])
+    records = list(read_records(intents))[:20]
+    scores, _ = Predictor(out).scores(records, batch_size=8)
+    assert np.abs(unfused_scores(loaded, records) - scores).max() <= PARITY_ATOL
