@@ -548,6 +548,16 @@ def info_cmd(bundle: str) -> None:
                 f"{g['quantized_accuracy']:.4f} on {g['data']['n']} records of "
                 f"{g['data']['file']}{chance}"
             )
+        h = t.get("head_fit")
+        if h:
+            how = (
+                f"; swapped in after the checks above, its scores' move against PyTorch's: "
+                f"max |diff| {h['check']['max_abs_diff']:.1e} (tolerance "
+                f"{h['check']['tolerance']:.1e})"
+                if "check" in h
+                else f" ({h.get('why', '')})"
+            )
+            click.echo(f"head       {name}: fitted on {h['fit']}{how}")
         _echo_confidence(name, t)
 
 

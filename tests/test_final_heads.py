@@ -69,6 +69,12 @@ def test_export_calibrates_without_dev_and_ships_the_head_with_it(
     assert task["head_fit"]["fit"] == "training and dev records"
     assert task["head_fit"]["check"]["max_abs_diff"] <= task["head_fit"]["check"]["tolerance"]
     assert "head_fit" not in task_j
+    from click.testing import CliRunner
+
+    from ptedge.cli import main
+
+    info = CliRunner().invoke(main, ["info", str(b)]).output
+    assert "head       run: fitted on training and dev records; swapped in" in info
     # the bundle ships the run's own head: it scores as PyTorch's run does
     records = list(read_records(intents))[:60]
     scores, _ = Predictor(b).scores(records, batch_size=8)
