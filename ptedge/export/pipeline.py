@@ -236,8 +236,8 @@ def _write_bundle(tmp: Path, graph, runs, samples, args: ExportArgs) -> dict:
     extra = calibrate(
         session(tmp / model_file), runs, args.eval_file, args.reject, args.reject_max_drop
     )
-    _swap_final_heads(tmp / model_file, runs, samples, extra)
     store_weights_apart(tmp / model_file)
+    _swap_final_heads(tmp / model_file, runs, samples, extra)  # saves it apart again
     ort_entry = None
     if args.format == "ort":
         from ptedge.export.mobile import convert_to_ort
