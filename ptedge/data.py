@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".csv", ".tsv")
+MAX_FIELDS_NAMED = 8  # a missing-field error names at most this many of the fields present
 
 
 class DataError(ValueError):
@@ -308,17 +309,28 @@ def require_fields(
 
     The message names the record's file and line and the field, e.g.
     ``train.jsonl:3: missing field 'sub_label' (template needs it)`` when called with
-    ``reason="template needs it"``. An empty string counts as present (it is valid text).
+    ``reason="template needs it"``, followed by the fields the record has. An empty string
+    counts as present (it is valid text).
     """
     wanted = [fields] if isinstance(fields, str) else list(fields)
     for i, record in enumerate(records):
         for field in wanted:
             if field not in record:
-                suffix = f" ({reason})" if reason else ""
                 path, line = _location(records, i)
                 raise DataError(
-                    f"missing field {field!r}{suffix}", path=path, line=line, field=field
+                    missing_field(field, record, reason), path=path, line=line, field=field
                 )
+
+
+def missing_field(field: str, record: dict[str, str], reason: str | None = None) -> str:
+    """The message for a record without ``field``, naming the fields it has, e.g.
+    ``missing field 'text' (template needs it); the record has 'sentence', 'label'``."""
+    suffix = f" ({reason})" if reason else ""
+    names = [repr(k) for k in record]
+    has = ", ".join(names[:MAX_FIELDS_NAMED]) or "no fields"
+    if len(names) > MAX_FIELDS_NAMED:
+        has += f" and {len(names) - MAX_FIELDS_NAMED} more"
+    return f"missing field {field!r}{suffix}; the record has {has}"
 
 
 def labels_of(records: Sequence[dict[str, str]], field: str) -> list[str]:

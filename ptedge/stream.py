@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from ptedge.data import DataError, RecordReader
+from ptedge.data import DataError, RecordReader, missing_field
 from ptedge.template import record_fields
 
 ON_ERROR = ("stop", "skip")
@@ -104,7 +104,7 @@ def chunks(
             missing = next((f for f in fields if f not in record), None)
             if missing is not None:
                 record = DataError(
-                    f"missing field {missing!r} (the template reads it)",
+                    missing_field(missing, record, "the template reads it"),
                     path=reader.name,
                     line=line,
                     field=missing,

@@ -13,10 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ptedge.data import (
+    MAX_FIELDS_NAMED,
     SUPPORTED_EXTENSIONS,
     DataError,
     Records,
     labels_of,
+    missing_field,
     read_records,
     require_fields,
 )
@@ -265,18 +267,30 @@ def test_require_fields_names_file_line_and_field(tmp_path: Path) -> None:
     require_fields(records, [])
     with pytest.raises(DataError) as err:
         require_fields(records, ["obj_label", "sub_label"], reason="template needs it")
-    assert one_line(err) == f"{path}:3: missing field 'sub_label' (template needs it)"
+    assert one_line(err) == (
+        f"{path}:3: missing field 'sub_label' (template needs it); the record has 'obj_label'"
+    )
     assert err.value.field == "sub_label" and err.value.line == 3
     with pytest.raises(DataError) as err:
         require_fields(records, "sub_label")  # a lone string is one field, not characters
-    assert one_line(err) == f"{path}:3: missing field 'sub_label'"
+    assert one_line(err) == f"{path}:3: missing field 'sub_label'; the record has 'obj_label'"
+
+
+def test_missing_field_names_what_the_record_has() -> None:
+    """A user whose file says `sentence` where the template says `{text}` sees both."""
+    assert missing_field("text", {"sentence": "a", "label": "1"}, "template needs it") == (
+        "missing field 'text' (template needs it); the record has 'sentence', 'label'"
+    )
+    assert missing_field("text", {}) == "missing field 'text'; the record has no fields"
+    wide = {f"f{i}": "" for i in range(MAX_FIELDS_NAMED + 3)}
+    assert missing_field("text", wide).endswith(f"'f{MAX_FIELDS_NAMED - 1}' and 3 more")
 
 
 def test_require_fields_csv_missing_column(tmp_path: Path) -> None:
     path = write(tmp_path / "data.csv", "txt,category\nhello,a\n")
     with pytest.raises(DataError) as err:
         require_fields(read_records(path), {"text"})
-    assert one_line(err) == f"{path}:2: missing field 'text'"
+    assert one_line(err) == f"{path}:2: missing field 'text'; the record has 'txt', 'category'"
 
 
 def test_require_fields_empty_value_counts_as_present(tmp_path: Path) -> None:
@@ -287,7 +301,7 @@ def test_require_fields_empty_value_counts_as_present(tmp_path: Path) -> None:
 def test_require_fields_on_plain_list() -> None:
     with pytest.raises(DataError) as err:
         require_fields([{"a": "1"}, {}], ["a"])
-    assert one_line(err) == "<records>:2: missing field 'a'"
+    assert one_line(err) == "<records>:2: missing field 'a'; the record has no fields"
 
 
 def test_labels_of(tmp_path: Path) -> None:
