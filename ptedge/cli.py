@@ -140,8 +140,9 @@ def _verbalizer(value: str | None) -> dict[str, str] | None:
 )
 @click.option(
     "--pool",
-    type=click.Choice(["slot", "mean"]),
-    help="Linear head input: the hidden state at [MASK], or the mean over tokens. "
+    type=click.Choice(["slot", "mean", "text"]),
+    help="Linear head input: the hidden state at [MASK], the mean over all tokens, or "
+    "the mean over the record's own tokens (pseudo tokens and [MASK] left out). "
     "Default: mean (see `ptedge.defaults`; the run's ptedge.json records why).",
 )
 @click.option(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ptedge.model import PTuningModel
+from ptedge.model import PTuningModel, mean_pool
 
 
 @dataclass
@@ -65,18 +65,26 @@ class _LabelHead(nn.Module):
 
 
 class _LinearHead(nn.Module):
-    """A trained linear classifier reading the slot, the mean over tokens or the pooler."""
+    """A trained linear classifier reading the slot, a mean over tokens or the pooler.
 
-    def __init__(self, linear: nn.Linear, pool: str, pooler: nn.Module | None = None):
+    ``vocab_size``: the backbone's own vocabulary; fused pseudo tokens have ids above it,
+    which ``pool="text"`` leaves out of its mean.
+    """
+
+    def __init__(
+        self, linear: nn.Linear, pool: str, vocab_size: int, pooler: nn.Module | None = None
+    ):
         super().__init__()
         self.linear = copy.deepcopy(linear)
         self.pool = pool
+        self.vocab_size = vocab_size
         self.pooler = copy.deepcopy(pooler) if pool == "pooler" else None
 
-    def forward(self, at_slot, hidden, attention_mask):
+    def forward(self, at_slot, hidden, attention_mask, input_ids, slot):
         if self.pool == "mean":
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            at_slot = (hidden * m).sum(1) / m.sum(1)  # (B, H)
+            at_slot = mean_pool(hidden, attention_mask)  # (B, H)
+        elif self.pool == "text":
+            at_slot = mean_pool(hidden, attention_mask, input_ids, slot, self.vocab_size)
         elif self.pooler is not None:
             at_slot = self.pooler(hidden)  # (B, H)
         return self.linear(at_slot)  # (B, L)
@@ -100,7 +108,9 @@ class TaskGraph(nn.Module):
         at_slot = hidden[torch.arange(hidden.shape[0]), slot]  # (B, H)
         outs = []
         for head, full in zip(self.heads, self.needs_hidden, strict=True):
-            outs.append(head(at_slot, hidden, attention_mask) if full else head(at_slot))
+            outs.append(
+                head(at_slot, hidden, attention_mask, input_ids, slot) if full else head(at_slot)
+            )
         return tuple(outs)
 
 
@@ -123,7 +133,7 @@ def fuse(tasks: list[FusedTask]) -> TaskGraph:
     for t in tasks:
         m = t.model
         if m.head is not None:
-            heads.append(_LinearHead(m.head, m.pool, getattr(m.base, "pooler", None)))
+            heads.append(_LinearHead(m.head, m.pool, V, getattr(m.base, "pooler", None)))
             needs_hidden.append(True)
         elif m.label_ids.numel():
             heads.append(_LabelHead(m.lm_head, m.label_ids))

@@ -7,7 +7,8 @@ The forward pass looks up ordinary token embeddings, replaces pseudo-token posit
 - ``lm``: the backbone's own LM head at the slot, over the verbalizer's token ids, or
   over the whole vocabulary (open vocabulary, LAMA style);
 - ``linear``: a trained ``Linear(H, n_labels)`` on the slot's hidden state (or the mean
-  over the sequence with ``pool="mean"``, or the backbone's own pooler with
+  over the sequence with ``pool="mean"``, the mean over the record's own tokens, pseudo
+  tokens and the slot left out, with ``pool="text"``, or the backbone's own pooler with
   ``pool="pooler"``, as BERT's sequence classifiers and PEFT adapters for them do), for
   backbones without an LM head.
 
@@ -30,7 +31,27 @@ from ptedge.prompt_encoder import PromptEncoder
 from ptedge.template import compile_template, load_tokenizer
 
 HEADS = ("lm", "linear", "generate")
-POOLS = ("slot", "mean", "pooler")
+POOLS = ("slot", "mean", "text", "pooler")
+
+
+def mean_pool(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
+    slot: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """The mean (B, H) of hidden (B, T, H) over the attended positions of attention_mask
+    (B, T); with input_ids (B, T), slot (B,) and vocab_size, over the record's own tokens
+    only (``pool="text"``): pseudo tokens (ids >= vocab_size) and the slot are left out,
+    the backbone's special tokens kept, as a sentence-transformers mean keeps them.
+    """
+    keep = attention_mask.bool()  # (B, T)
+    if input_ids is not None:
+        positions = torch.arange(keep.shape[1], device=keep.device).unsqueeze(0)  # (1, T)
+        keep = keep & (input_ids < vocab_size) & (positions != slot.unsqueeze(1))
+    m = keep.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # (B, H)
 
 
 def load_backbone(path: str | Path) -> nn.Module:
@@ -233,14 +254,16 @@ class PTuningModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, slot: torch.Tensor
     ) -> torch.Tensor:
         """The linear head's input (B, H), float32: the hidden state at ``slot``, the mean
-        over the sequence, or the backbone's pooler, as ``pool`` says.
+        over the sequence or over the record's own tokens, or the backbone's pooler, as
+        ``pool`` says.
 
         input_ids, attention_mask: (B, T); slot: (B,).
         """
         hidden = self.hidden(input_ids, attention_mask)  # (B, T, H)
         if self.pool == "mean":
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * m).sum(1) / m.sum(1)  # (B, H)
+            pooled = mean_pool(hidden, attention_mask)  # (B, H)
+        elif self.pool == "text":
+            pooled = mean_pool(hidden, attention_mask, input_ids, slot, self.vocab_size)
         elif self.pool == "pooler":  # e.g. BERT: tanh(dense(first token))
             pooled = self.base.pooler(hidden)  # (B, H)
         else:

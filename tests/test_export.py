@@ -26,6 +26,7 @@ CASES = {
     "bert-mlm-verbalizer": ("bert-mlm", "[P] {sentence} [P:2] it was [MASK] .", "lm", VERB, "slot"),
     "bert-linear-slot": ("bert", "[P:2] {sentence} [P] [MASK]", "linear", None, "slot"),
     "bert-linear-mean": ("bert", "[P:2] {sentence} [P] [MASK]", "linear", None, "mean"),
+    "bert-linear-text": ("bert", "[P:2] {sentence} [P] [MASK]", "linear", None, "text"),
 }
 
 

@@ -169,7 +169,7 @@ def test_lm_head_reads_the_slot(tiny, backbones, kind):
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
-@pytest.mark.parametrize("pool", ["slot", "mean"])
+@pytest.mark.parametrize("pool", ["slot", "mean", "text"])
 def test_linear_head_shapes(tiny, backbones, kind, pool):
     bb, _, c, batch = setup(tiny, backbones, kind)
     m = PTuningModel(bb, c["pseudo_count"], head="linear", n_labels=4, pool=pool).eval()
@@ -179,14 +179,30 @@ def test_linear_head_shapes(tiny, backbones, kind, pool):
     assert torch.isfinite(out).all()
 
 
-def test_mean_pool_ignores_padding(tiny, backbones):
+@pytest.mark.parametrize("pool", ["mean", "text"])
+def test_mean_pool_ignores_padding(tiny, backbones, pool):
     bb, _, c, (ids, mask, slot) = setup(tiny, backbones, "bert")
-    m = PTuningModel(bb, c["pseudo_count"], head="linear", n_labels=2, pool="mean").eval()
+    m = PTuningModel(bb, c["pseudo_count"], head="linear", n_labels=2, pool=pool).eval()
     with torch.no_grad():
         batched = m(ids, mask, slot)
         n = int(mask[2].sum())
         alone = m(ids[2:, :n], mask[2:, :n], slot[2:])
     assert torch.allclose(batched[2:], alone, atol=1e-5)
+
+
+def test_text_pool_averages_the_records_own_tokens(tiny, backbones):
+    """pool="text" is the mean over attended positions that are neither pseudo tokens nor
+    the slot; pool="mean" averages every attended position."""
+    bb, _, c, (ids, mask, slot) = setup(tiny, backbones, "bert")
+    text = PTuningModel(bb, c["pseudo_count"], head="linear", n_labels=2, pool="text").eval()
+    with torch.no_grad():
+        hidden = text.hidden(ids, mask)  # (B, T, H)
+        got = text.features(ids, mask, slot)  # (B, H)
+    V = text.vocab_size
+    for b in range(ids.shape[0]):
+        own = [t for t in range(ids.shape[1]) if mask[b, t] and ids[b, t] < V and t != int(slot[b])]
+        assert len(own) < int(mask[b].sum())  # something was left out
+        assert torch.allclose(got[b], hidden[b, own].mean(0), atol=1e-5)
 
 
 def test_unknown_head_or_pool(backbones):
