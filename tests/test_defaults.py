@@ -280,6 +280,9 @@ def test_the_shipped_candidate_of_bench_defaults_is_what_ptedge_chooses():
     given = dict(zip(flags[::2], flags[1::2], strict=True))
     assert "--lr" not in given  # the prompt encoder keeps train's --lr default
     assert given["--pool"] == defaults.pool("/nonexistent").value
+    import bench_pool as bp
+
+    assert bp.SHIPPED == defaults.pool("/nonexistent").value  # the pool study's shipped one
     assert float(given["--head-lr"]) == defaults.head_lr(3e-3).value
     assert given["--prompt-init"] == defaults.prompt_init(causal=False).value
 
@@ -350,3 +353,25 @@ def test_records_past_the_backbone_limit_are_cut_and_the_run_says_so(tiny, tmp_p
     assert "max_length" not in cfg.defaults and cfg.max_length == 64  # given, not chosen
     err = capsys.readouterr().err
     assert "note: 60 of 60 training records are longer than --max-length 64 tokens" in err
+
+
+def test_bench_pool_report_leaves_one_task_out():
+    """tools/bench_pool.py: each full task gets the pool the other two prefer."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_pool as bp
+
+    acc = {"clinc150": (0.96, 0.97), "sst2": (0.88, 0.87), "banking77": (0.93, 0.925)}
+    runs = [
+        {"set": t, "pool": c, "accuracy": a[i], "n": 100}
+        for t, a in acc.items()
+        for i, c in enumerate(bp.CANDIDATES)
+    ]
+    runs.append({"set": "banking77-s1", "pool": "probe", "accuracy": 0.9, "n": 100})
+    md = bp.markdown({"runs": runs, "machine": bp.bc.machine(), "command": "bench_pool"})
+    assert "| sst2 (100) | 0.8800 | 0.8700 | -1.00 | - |" in md
+    assert "- sst2: the others pick `text`, 0.8700" in md  # clinc150 +1.0 beats banking77 -0.5
+    assert "- clinc150: the others pick `mean`, 0.9600" in md

@@ -129,25 +129,35 @@ def splits(work: Path, task: str) -> dict[str, Path]:
     return files
 
 
-def train_and_score(train_flags: list[str], run: Path, data: Path) -> tuple[float, dict]:
-    """``ptedge train TRAIN_FLAGS`` (writing ``run``), then ``ptedge eval run --data DATA``,
-    one thread each: (training seconds, the eval's JSON)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cli = [sys.executable, "-m", "ptedge.cli"]
-    t0 = time.perf_counter()
-    subprocess.run(
-        [*cli, "train", *train_flags], check=True, capture_output=True, env=env, cwd=bc.ROOT
-    )
-    train_s = round(time.perf_counter() - t0, 1)
+def _one_thread() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def score(run: Path, data: Path) -> dict:
+    """``ptedge eval RUN --data DATA``, one thread: the eval's JSON."""
     ev = subprocess.run(
-        [*cli, "eval", str(run), "--data", str(data)],
+        [sys.executable, "-m", "ptedge.cli", "eval", str(run), "--data", str(data)],
         check=True,
         capture_output=True,
         text=True,
-        env=env,
+        env=_one_thread(),
         cwd=bc.ROOT,
     )
-    return train_s, json.loads(ev.stdout.strip().splitlines()[-1])
+    return json.loads(ev.stdout.strip().splitlines()[-1])
+
+
+def train_and_score(train_flags: list[str], run: Path, data: Path) -> tuple[float, dict]:
+    """``ptedge train TRAIN_FLAGS`` (writing ``run``), then ``ptedge eval run --data DATA``,
+    one thread each: (training seconds, the eval's JSON)."""
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "ptedge.cli", "train", *train_flags],
+        check=True,
+        capture_output=True,
+        env=_one_thread(),
+        cwd=bc.ROOT,
+    )
+    return round(time.perf_counter() - t0, 1), score(run, data)
 
 
 def run_one(work: Path, task: str, name: str, flags: list[str], seed: int) -> dict:
