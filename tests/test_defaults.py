@@ -375,3 +375,22 @@ def test_bench_pool_report_leaves_one_task_out():
     assert "| sst2 (100) | 0.8800 | 0.8700 | -1.00 | - |" in md
     assert "- sst2: the others pick `text`, 0.8700" in md  # clinc150 +1.0 beats banking77 -0.5
     assert "- clinc150: the others pick `mean`, 0.9600" in md
+
+
+def test_small_sets_give_every_clinc150_intent_one_domain():
+    """tools/small_sets.py's unseen label set: CLINC150's 150 intents in 10 domains of 15,
+    so every in-scope query (the pool study scores its dev split) gets a domain."""
+    import sys
+
+    from conftest import ROOT, shared_data
+
+    intents = json.loads(shared_data("clinc150", "intents.json").read_text())
+    sys.path.insert(0, str(ROOT / "tools"))
+    import small_sets
+
+    domains = {d: s.split() for d, s in small_sets.DOMAINS.items()}
+    assert sorted(i for s in domains.values() for i in s) == sorted(intents)
+    assert {len(s) for s in domains.values()} == {15} and len(domains) == 10
+    dev = small_sets.by_domain_records("dev.csv")
+    assert len(dev) == len(read_records(str(shared_data("clinc150", "dev.csv"))))
+    assert Counter(r["domain"] for r in dev) == {d: 20 * 15 for d in domains}

@@ -9,10 +9,15 @@ Each candidate is the README's command with ``--pool`` added, scored on records 
 saw (test splits are never read), one thread a run, ``--workers`` at a time:
 
 - small sets, 20 training sentences per label (``tools/bench_small_steps.py``'s seeded
-  draws from BANKING77, seed 1 being ``tools/small_sets.py``'s b77-20pl): ptedge carves
-  its dev split; scored on 2,000 other records of BANKING77's training file, beside the
-  probe a user would fit (a logistic regression solved to convergence, C = 1, on frozen
-  mean-pooled all-MiniLM-L6-v2 embeddings of the whole training file);
+  draws from BANKING77, seed 1 being ``tools/small_sets.py``'s b77-20pl, and from
+  CLINC150): ptedge carves its dev split; scored on 2,000 other records (BANKING77: of its
+  training file; CLINC150: of its dev split);
+- ``tools/small_sets.py``'s sets of a label set no default was chosen on, CLINC150's
+  queries by their 10 domains at 20, 50 and 200 per domain (scored on CLINC150's dev
+  split, relabelled), and SST-2 with 1,000 sentences (scored on SST-2's dev split);
+  each small or unseen set beside the probe a user would fit (a logistic regression solved
+  to convergence, C = 1, on frozen mean-pooled all-MiniLM-L6-v2 embeddings of the whole
+  training file);
 - the full tasks on ``tools/bench_defaults.py``'s dev splits: SST-2 and CLINC150 train on
   their training file with ``--dev`` A (500 dev records), BANKING77 on 85% of its
   train.csv carving its own dev split; scored on dev B (BANKING77: A and B, its held-out
@@ -34,10 +39,18 @@ import _bench_common as bc
 import bench_defaults
 import bench_quality
 import bench_small_steps
+import small_sets
 
 CANDIDATES = ("mean", "text")
 SHIPPED = "mean"  # what ptedge.defaults.pool chooses
-SMALL = (("banking77", 1), ("banking77", 2), ("banking77", 3))
+SMALL = (("banking77", 1), ("banking77", 2), ("banking77", 3), ("clinc150", 1))
+# tools/small_sets.py's folder -> (label, text field, held-out file under the shared data)
+UNSEEN = {
+    "clinc-domains-20": ("domain", "text", "clinc150/dev.csv"),
+    "clinc-domains-50": ("domain", "text", "clinc150/dev.csv"),
+    "clinc-domains-200": ("domain", "text", "clinc150/dev.csv"),
+    "sst2-1k": ("label", "sentence", "sst2/dev.tsv"),
+}
 FULL = ("clinc150", "sst2", "banking77")
 
 
@@ -90,8 +103,37 @@ def small_run(work: Path, model: Path, name: str, seed: int, pool: str) -> dict:
     )
 
 
-def small_probe(work: Path, model: Path, name: str, seed: int) -> dict:
-    """The converged probe on the whole small training file, scored on the held-out records."""
+def unseen_files(work: Path, name: str) -> dict[str, Path]:
+    """``train`` (tools/small_sets.py's file, written if missing) and ``heldout`` (a dev
+    split none of its records come from; CLINC150's relabelled by domain under ``work``)."""
+    label, _, held = UNSEEN[name]
+    folder = bc.ROOT / "runs" / "unseen" / name
+    train = next(folder.glob("train.*"), None)
+    if train is None:
+        small_sets.main()
+        train = next(folder.glob("train.*"))
+    if not held.startswith("clinc150/"):
+        return {"train": train, "heldout": bc.need_data(held.split("/")[0]) / held.split("/")[1]}
+    path = work / "data" / "clinc-domains-dev.csv"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        bc.write_records(path, small_sets.by_domain_records("dev.csv"), ["text", label])
+    return {"train": train, "heldout": path}
+
+
+def unseen_run(work: Path, model: Path, name: str, pool: str) -> dict:
+    """One candidate on one of small_sets.py's sets (ptedge carves its dev split), scored
+    on its held-out dev split."""
+    label, field, _ = UNSEEN[name]
+    files = unseen_files(work, name)
+    spec = {"label": label, "field": field}
+    return _candidate(
+        work, model, f"{name}__{pool}", files["train"], spec, pool, [files["heldout"]]
+    )
+
+
+def probe(work: Path, model: Path, tag: str, files: dict[str, Path], label: str, field: str):
+    """The converged probe on the whole training file, scored on the held-out records."""
 
     def make() -> dict:
         import torch
@@ -99,19 +141,29 @@ def small_probe(work: Path, model: Path, name: str, seed: int) -> dict:
         from ptedge import head_fit
         from ptedge.data import read_records
 
-        files = bench_small_steps.small_set(work, name, seed)
-        label = bench_small_steps.SETS[name][1]
         train, held = read_records(str(files["train"])), read_records(str(files["heldout"]))
         index = {k: i for i, k in enumerate(sorted({r[label] for r in train}))}
-        emb = bench_quality.mean_embeddings(model, [r["text"] for r in [*train, *held]])
+        emb = bench_quality.mean_embeddings(model, [r[field] for r in [*train, *held]])
         x_tr, x_ho = emb[: len(train)], emb[len(train) :]  # (N, H), (M, H)
         y_tr, y_ho = (torch.tensor([index[r[label]] for r in s]) for s in (train, held))
         head = head_fit.fit_converged(x_tr, y_tr, len(index))
         with torch.no_grad():
             acc = float((head(x_ho).argmax(-1) == y_ho).float().mean())
-        return {"set": f"{name}-s{seed}", "pool": "probe", "accuracy": acc, "n": len(held)}
+        return {"set": tag, "pool": "probe", "accuracy": acc, "n": len(held)}
 
-    return _result(work, f"{name}-s{seed}__probe", make)
+    return _result(work, f"{tag}__probe", make)
+
+
+def small_probe(work: Path, model: Path, name: str, seed: int) -> dict:
+    """The converged probe on one of bench_small_steps' draws."""
+    files = bench_small_steps.small_set(work, name, seed)
+    return probe(work, model, f"{name}-s{seed}", files, bench_small_steps.SETS[name][1], "text")
+
+
+def unseen_probe(work: Path, model: Path, name: str) -> dict:
+    """The converged probe on one of small_sets.py's sets."""
+    label, field, _ = UNSEEN[name]
+    return probe(work, model, name, unseen_files(work, name), label, field)
 
 
 def full_run(work: Path, model: Path, task: str, pool: str) -> dict:
@@ -136,10 +188,14 @@ def markdown(result: dict) -> str:
         "all-MiniLM-L6-v2, linear head, `[P:3] {text} [P:3] [MASK]` with `--pool mean` (the "
         "mean over every token, pseudo tokens and [MASK] included) or `--pool text` (the "
         "record's own tokens and the special tokens), ptedge's defaults otherwise; one thread "
-        "a run. Small sets: 20 sentences per label, ptedge carves its dev split, scored on "
-        "2,000 other records of the training file, beside the converged probe on the whole "
-        "file. Full tasks: tools/bench_defaults.py's splits, scored on dev B (BANKING77: its "
-        "held-out 15%). " + result.get("provenance", ""),
+        "a run. Small sets (`-sN`: draw N): 20 sentences per label, ptedge carves its dev "
+        "split, scored on 2,000 other records (BANKING77: of its training file; CLINC150: of "
+        "its dev split). tools/small_sets.py's sets (ptedge carves its dev split): CLINC150's "
+        "queries by their 10 domains, N per domain, scored on CLINC150's dev split "
+        "relabelled; SST-2 with 1,000 sentences, scored on its dev split. Each small set "
+        "beside the converged probe on its whole training file. Full tasks: "
+        "tools/bench_defaults.py's splits, scored on dev B (BANKING77: its held-out 15%). "
+        + result.get("provenance", ""),
         "",
         "| set (records scored) | mean | text | text - mean (points) | probe |",
         "|---|---:|---:|---:|---:|",
@@ -147,11 +203,11 @@ def markdown(result: dict) -> str:
     gains = []
     for s in sets:
         mean, text = by.get((s, "mean")), by.get((s, "text"))
-        probe = by.get((s, "probe"))
+        fit = by.get((s, "probe"))
         if not (mean and text):
             continue
         gains.append(100 * (text["accuracy"] - mean["accuracy"]))
-        p = f"{probe['accuracy']:.4f}" if probe else "-"
+        p = f"{fit['accuracy']:.4f}" if fit else "-"
         lines.append(
             f"| {s} ({text['n']}) | {mean['accuracy']:.4f} | {text['accuracy']:.4f} | "
             f"{gains[-1]:+.2f} | {p} |"
@@ -183,9 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     work, model = Path(a.work), fetch("minilm-l6", quiet=True)
     jobs = [lambda t=t, p=p: full_run(work, model, t, p) for t in FULL for p in CANDIDATES]
     jobs += [lambda s=s, p=p: small_run(work, model, *s, p) for s in SMALL for p in CANDIDATES]
+    jobs += [lambda s=s, p=p: unseen_run(work, model, s, p) for s in UNSEEN for p in CANDIDATES]
     with ThreadPoolExecutor(a.workers) as pool:
         runs = list(pool.map(lambda job: job(), jobs))
     runs += [small_probe(work, model, *s) for s in SMALL]
+    runs += [unseen_probe(work, model, s) for s in UNSEEN]
     result = {
         "benchmark": "pool",
         "command": "python tools/bench_pool.py",

@@ -101,25 +101,24 @@ def main() -> None:
     shutil.copy(sst2 / "test.tsv", folder / "test.tsv")
     print(f"wrote {out / 'b77-20pl'} ({len(keep)} records), {folder} ({SST2_N} records)")
 
-    clinc = bc.need_data("clinc150")
-    domain_of = {i: d for d, intents in DOMAINS.items() for i in intents.split()}
-
-    def relabelled(name: str) -> list[dict]:
-        with open(clinc / name, newline="", encoding="utf-8") as f:
-            return [
-                {"text": r["text"], "domain": domain_of[r["intent"]]} for r in csv.DictReader(f)
-            ]
-
     by_domain: dict[str, list] = defaultdict(list)
-    train = relabelled("train.csv")
+    train = by_domain_records("train.csv")
     for r in train:
         by_domain[r["domain"]].append(r)
-    test = relabelled("test.csv")
+    test = by_domain_records("test.csv")
     for per in PER_DOMAIN:
         keep = [r for d in sorted(by_domain) for r in rng.sample(by_domain[d], per)]
         rng.shuffle(keep)
         _domain_set(out / f"clinc-domains-{per}", keep, test)
     _domain_set(out / "clinc-domains-all", train, test)
+
+
+def by_domain_records(name: str) -> list[dict]:
+    """CLINC150's file ``name`` (``train.csv``, ``dev.csv``, ``test.csv``) as ``text`` and
+    ``domain`` records: each in-scope query labelled with its intent's domain."""
+    domain_of = {i: d for d, intents in DOMAINS.items() for i in intents.split()}
+    with open(bc.need_data("clinc150") / name, newline="", encoding="utf-8") as f:
+        return [{"text": r["text"], "domain": domain_of[r["intent"]]} for r in csv.DictReader(f)]
 
 
 def _domain_set(folder, train: list[dict], test: list[dict]) -> None:
