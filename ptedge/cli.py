@@ -146,6 +146,13 @@ def _verbalizer(value: str | None) -> dict[str, str] | None:
     "Default: mean (see `ptedge.defaults`; the run's ptedge.json records why).",
 )
 @click.option(
+    "--backbone-dropout/--no-backbone-dropout",
+    default=None,
+    help="Keep the frozen backbone's own dropout on while the prompt trains (its weights "
+    "never change either way). Default: on for the linear head, off for the lm and generate "
+    "heads (see `ptedge.defaults`).",
+)
+@click.option(
     "--steps",
     type=int,
     help="Optimisation steps. Default: one epoch (for the linear head, at least 250 records "

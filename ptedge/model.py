@@ -168,6 +168,7 @@ class PTuningModel(nn.Module):
             raise ValueError(f"pool 'pooler': {type(self.base).__name__} has no pooler")
         self.head_kind = head
         self.pool = pool
+        self.backbone_dropout = False  # training may turn it on (defaults.backbone_dropout)
         emb = self.base.get_input_embeddings()
         self.vocab_size, hidden = emb.weight.shape
         self.encoder = PromptEncoder(n_pseudo, hidden, encoder)
@@ -183,8 +184,11 @@ class PTuningModel(nn.Module):
         )
 
     def train(self, mode: bool = True) -> PTuningModel:
+        """Training mode for the prompt encoder and head; the frozen backbone's dropout
+        follows ``backbone_dropout`` (off unless training turns it on)."""
         super().train(mode)
-        self.backbone.eval()  # frozen: dropout stays off
+        if not self.backbone_dropout:
+            self.backbone.eval()
         return self
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import ptedge
@@ -69,6 +70,7 @@ class TrainArgs:
     head: str | None = None  # default: lm if the backbone has an LM head, else linear
     encoder: str = "lstm"
     pool: str | None = None  # linear head input; None: ptedge.defaults.pool
+    backbone_dropout: bool | None = None  # None: ptedge.defaults.backbone_dropout
     prompt_init: str | None = None  # pad | random; None: ptedge.defaults.prompt_init
     steps: int | None = None
     epochs: float | None = None
@@ -324,6 +326,14 @@ def _choose(
             if args.head_lr is None
             else defaults.Choice(args.head_lr, "--head-lr")
         )
+    chosen["backbone_dropout"] = (
+        defaults.backbone_dropout(head)
+        if args.backbone_dropout is None
+        else defaults.Choice(
+            args.backbone_dropout,
+            "--backbone-dropout" if args.backbone_dropout else "--no-backbone-dropout",
+        )
+    )
     if args.batch_size is None:
         chosen["batch_size"] = defaults.batch_size(head)
     return chosen
@@ -398,6 +408,7 @@ def train(args: TrainArgs, progress: bool = True) -> RunConfig:
         if args.batch_size % world:
             raise ValueError(f"--batch-size {args.batch_size} must divide among {world} processes")
         model, tok, compiled, _ = build_for_run(cfg, backbone)
+        model.backbone_dropout = chosen["backbone_dropout"].value
         if chosen["prompt_init"].value == "pad":
             model.encoder.start_at(emb[pad_id(backbone)].detach())
         model.backbone.to(device=device, dtype=DTYPES[args.dtype])
@@ -619,6 +630,7 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
                     order = torch.randperm(len(examples), generator=gen).tolist()
                 batch_idx.append(order.pop())
             mine = batch_idx[rank::world]  # this rank's share of the global batch
+            torch.manual_seed(_step_seed(args.seed, step, rank))  # dropout's masks: see there
             loss = job.loss([examples[i][0] for i in mine], [examples[i][1] for i in mine])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -678,6 +690,17 @@ def _fit(job, examples, steps, args, dev_eval, out: Path, progress, dist_info) -
                 t0 += time.perf_counter() - t_save
         model.eval()
     return best
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """The global RNG's seed for one training step of one rank.
+
+    The backbone's dropout draws its masks from torch's global generator. Seeding it from
+    (seed, step, rank) at every step makes the masks a function of where training is, so a
+    resumed run draws what an uninterrupted one draws without any generator state in the
+    checkpoint, and data-parallel ranks draw independent masks.
+    """
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0])
 
 
 @contextlib.contextmanager

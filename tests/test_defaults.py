@@ -152,12 +152,13 @@ def test_training_without_dev_carves_and_records_it(tiny, intents, tmp_path):
     assert cfg.dev_file == str((out / "dev.jsonl").resolve())
     dev = read_records(cfg.dev_file)
     assert Counter(r["intent"] for r in dev) == {"card": 15, "film": 10, "lang": 5}
-    chosen = {"prompt_init", "pool", "head_lr", "head_refit", "max_length"}
+    chosen = {"prompt_init", "pool", "head_lr", "head_refit", "max_length", "backbone_dropout"}
     # the dev records join the head's fit when the refit replaced the trained head
     refit = cfg.defaults["head_refit"]["value"] == "refit"
     assert set(cfg.defaults) == chosen | ({"head_data"} if refit else set())
     assert cfg.defaults["max_length"]["value"] == cfg.max_length == defaults.MAX_LENGTH
     assert cfg.defaults["pool"]["value"] == "mean" and cfg.pool == "mean"
+    assert cfg.defaults["backbone_dropout"]["value"] is True
     assert cfg.defaults["head_lr"]["value"] == cfg.head_lr in defaults.HEAD_LRS  # on dev
     assert cfg.best["dev_n"] == 30  # selection ran on the carved split
 
@@ -283,6 +284,10 @@ def test_the_shipped_candidate_of_bench_defaults_is_what_ptedge_chooses():
     import bench_pool as bp
 
     assert bp.SHIPPED == defaults.pool("/nonexistent").value  # the pool study's shipped one
+    import bench_dropout
+
+    on = bench_dropout.SHIPPED == "on"
+    assert on == defaults.backbone_dropout("linear").value  # the dropout study's shipped one
     assert float(given["--head-lr"]) == defaults.head_lr(3e-3).value
     assert given["--prompt-init"] == defaults.prompt_init(causal=False).value
 
@@ -356,7 +361,8 @@ def test_records_past_the_backbone_limit_are_cut_and_the_run_says_so(tiny, tmp_p
 
 
 def test_bench_pool_report_leaves_one_task_out():
-    """tools/bench_pool.py: each full task gets the pool the other two prefer."""
+    """tools/bench_pool.py: each full task gets the pool the other two prefer; each data set
+    (its full task and the small sets cut from it) the pool all other sets prefer."""
     import sys
 
     from conftest import ROOT
@@ -364,17 +370,29 @@ def test_bench_pool_report_leaves_one_task_out():
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_pool as bp
 
-    acc = {"clinc150": (0.96, 0.97), "sst2": (0.88, 0.87), "banking77": (0.93, 0.925)}
+    acc = {
+        "clinc150": (0.96, 0.97),
+        "sst2": (0.88, 0.87),
+        "banking77": (0.93, 0.925),
+        "banking77-s1": (0.86, 0.88),
+        "sst2-1k": (0.81, 0.80),
+    }
     runs = [
-        {"set": t, "pool": c, "accuracy": a[i], "n": 100}
+        {"set": t, "candidate": c, "accuracy": a[i], "n": 100}
         for t, a in acc.items()
         for i, c in enumerate(bp.CANDIDATES)
     ]
-    runs.append({"set": "banking77-s1", "pool": "probe", "accuracy": 0.9, "n": 100})
-    md = bp.markdown({"runs": runs, "machine": bp.bc.machine(), "command": "bench_pool"})
+    runs.append({"set": "banking77-s1", "candidate": "probe", "accuracy": 0.9, "n": 100})
+    result = {"runs": runs, "machine": bp._variants.bc.machine(), "command": "bench_pool"}
+    md = bp.markdown(result | {"candidates": bp.CANDIDATES})
     assert "| sst2 (100) | 0.8800 | 0.8700 | -1.00 | - |" in md
+    assert "| banking77-s1 (100) | 0.8600 | 0.8800 | +2.00 | 0.9000 |" in md
     assert "- sst2: the others pick `text`, 0.8700" in md  # clinc150 +1.0 beats banking77 -0.5
     assert "- clinc150: the others pick `mean`, 0.9600" in md
+    # sst2's two sets left out: +1.0 (clinc150) and +1.5 (banking77's two) pick text
+    assert "- sst2 (2 sets): the others pick `text`; against `mean` sst2 -1.00, sst2-1k -1.00" in md
+    # banking77's left out: clinc150 +1.0, sst2's -2.0: mean stays
+    assert "- banking77 (2 sets): the others pick `mean`; against `mean` banking77 +0.00" in md
 
 
 def test_small_sets_give_every_clinc150_intent_one_domain():
@@ -394,3 +412,18 @@ def test_small_sets_give_every_clinc150_intent_one_domain():
     dev = small_sets.by_domain_records("dev.csv")
     assert len(dev) == len(read_records(str(shared_data("clinc150", "dev.csv"))))
     assert Counter(r["domain"] for r in dev) == {d: 20 * 15 for d in domains}
+
+
+def test_backbone_dropout_is_on_for_the_linear_head_only():
+    assert defaults.backbone_dropout("linear").value is True
+    assert defaults.backbone_dropout("lm").value is False
+    assert defaults.backbone_dropout("generate").value is False
+
+
+def test_step_seeds_differ_by_step_rank_and_seed_and_repeat():
+    from ptedge.train import _step_seed
+
+    seeds = {_step_seed(s, t, r) for s in (0, 1) for t in range(1, 50) for r in (0, 1)}
+    assert len(seeds) == 2 * 49 * 2
+    assert _step_seed(0, 7, 1) == _step_seed(0, 7, 1)
+    assert all(0 <= x < 2**64 for x in seeds)

@@ -36,6 +36,7 @@ def _train_cmd(model: Path, data: Path, out: Path) -> list[str]:
         "4",
         "--lr",
         "0.01",
+        "--no-backbone-dropout",  # each rank draws its own masks: equal only without them
         "--out",
         str(out),
     ]

@@ -243,6 +243,34 @@ def test_only_encoder_and_head_train(tiny, backbones, kind, head):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_backbone_dropout_is_on_in_training_only_when_asked(tiny, backbones):
+    """backbone_dropout=True leaves the frozen backbone's dropout on in train mode (two
+    passes differ, its weights get no gradient); eval mode turns it off again."""
+    bb, _, c, batch = setup(tiny, backbones, "bert")
+    assert bb.config.hidden_dropout_prob > 0
+    m = PTuningModel(bb, c["pseudo_count"], head="linear", n_labels=2, pool="mean")
+    try:
+        m.train()
+        assert not m.backbone.training
+        with torch.no_grad():
+            assert torch.equal(m(*batch), m(*batch))
+        m.backbone_dropout = True
+        m.train()
+        assert m.backbone.training
+        torch.manual_seed(0)
+        out = m(*batch)  # (3, 2)
+        torch.manual_seed(0)
+        assert torch.equal(out, m(*batch))  # the masks come from the global generator
+        assert not torch.equal(out, m(*batch))
+        out.sum().backward()
+        assert all(p.grad is None for p in bb.parameters())
+    finally:
+        m.eval()  # the backbone is shared with the module's other tests
+    assert not m.backbone.training
+    with torch.no_grad():
+        assert torch.equal(m(*batch), m(*batch))
+
+
 def test_model_freezes_a_backbone_it_is_given(tiny):
     from transformers import AutoModel
 

@@ -38,8 +38,8 @@ EXPORT_REV = (
 # What ``ptedge train`` does with a linear head beyond its flags: part of the cache parameters
 # of linear-head runs, so bump it when that changes (the runs are retrained).
 LINEAR_HEAD_REV = (
-    "3: the head refitted after training as a converged logistic regression, solved again "
-    "with the carved dev records"
+    "4: the head refitted after training as a converged logistic regression, solved again "
+    "with the carved dev records; the backbone's dropout on while the prompt trains"
 )
 
 # -- prompts shared by both benchmarks ----------------------------------------------------
